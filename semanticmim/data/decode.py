@@ -1,0 +1,137 @@
+"""Image decoding: any file PIL can read → 8-bit RGB, or one clear error.
+
+Mode policy (what `load_rgb` returns for each PIL mode):
+- RGB, L, 1, YCbCr: converted by PIL.
+- RGBA, LA, PA, P with transparency: alpha is *dropped* (colour channels kept as stored), which is
+  what torchvision's `ImageFolder` loader and timm's readers do, so our ImageNet numbers see the same
+  pixels as the reference implementations.
+- CMYK: PIL's conversion (Adobe-inverted CMYK JPEGs are un-inverted by PIL's JPEG reader).
+- I;16 / I;16B / I;16L / I (16-bit PNG/TIFF): full 16-bit range scaled to 8 bits, round(v·255/65535);
+  values of 32-bit `I` images outside [0, 65535] are clipped.
+- F: read as [0, 1] when every value lies in it, else as [0, 255]; clipped, rounded.
+- Anything else (LAB, HSV, multi-channel 16-bit…) → `UnreadableImage`.
+
+Truncated files always raise: PIL reports them only while `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` is False
+(its default), so `load_rgb` refuses to run when some other code switched that flag on.
+"""
+
+import contextlib
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile
+
+__all__ = ["EncodedImage", "UnreadableImage", "load_rgb"]
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_DCT_REDUCTIONS = (1, 2, 4, 8)
+
+
+class UnreadableImage(Exception):
+    """A file that cannot be decoded to an image: missing, corrupt, truncated or of an unsupported mode."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = Path(path)
+        self.reason = " ".join(str(reason).split())  # one line, whatever PIL put in the message
+        super().__init__(f"{self.path}: {self.reason}")
+
+
+class EncodedImage:
+    """An image file's bytes with the header parsed: `size` is known, no pixel is decoded yet.
+
+    It lets a transform choose its crop first and then decode a JPEG at a reduced DCT scale (PIL
+    `draft`) that still gives the crop at least its output resolution; the transforms in
+    `semanticmim.data.transforms` accept it wherever they accept a PIL image.
+    """
+
+    def __init__(self, data: bytes, name: str | Path):
+        self.data = data
+        self.name = Path(name)
+        with _reading(self.name), Image.open(io.BytesIO(data)) as header:
+            self.size: tuple[int, int] = header.size  # (width, height) in the file
+            self.format: str | None = header.format
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "EncodedImage":
+        with _reading(path):
+            return cls(Path(path).read_bytes(), path)
+
+    def decode(self, max_reduction: float = 1) -> tuple[Image.Image, int]:
+        """Decode to 8-bit RGB at 1/s of the file's size; returns (image, s).
+
+        s ∈ {1, 2, 4, 8} is the largest ≤ max_reduction (JPEGs only, else 1); decoded pixel x covers
+        file pixels [x·s, (x+1)·s), the last one partially. Raises UnreadableImage.
+        """
+        if ImageFile.LOAD_TRUNCATED_IMAGES:
+            raise UnreadableImage(self.name, "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on, truncation would go unnoticed")
+        with _reading(self.name), Image.open(io.BytesIO(self.data)) as image:
+            reduction = 1
+            if self.format == "JPEG" and max_reduction >= 2:
+                wanted = max(s for s in _DCT_REDUCTIONS if s <= max_reduction)
+                request = (max(1, self.size[0] // wanted), max(1, self.size[1] // wanted))
+                drafted = image.draft("RGB", request)
+                reduction = round(self.size[0] / drafted[1][2]) if drafted else 1
+            image.load()
+            return _to_rgb(image, self.name), reduction
+
+
+def load_rgb(path: str | Path, draft_size: int | tuple[int, int] | None = None) -> Image.Image:
+    """Decode `path` fully into an 8-bit RGB image.
+
+    draft_size: for JPEGs, let libjpeg decode at the strongest DCT reduction (1/2, 1/4 or 1/8) whose
+    result is still at least this size (w, h) — or, given an int, this shorter side — which is 2–6×
+    faster on large files. The image is then smaller than the file; other formats ignore it.
+    Raises UnreadableImage for missing, corrupt, truncated or unsupported files.
+    """
+    encoded = EncodedImage.from_file(path)
+    if draft_size is None:
+        return encoded.decode()[0]
+    width, height = encoded.size
+    if isinstance(draft_size, int):
+        draft_size = (round(width * draft_size / min(width, height)), draft_size if width >= height else None)
+        draft_size = (draft_size[0], draft_size[1] or round(height * draft_size[0] / width))
+    reduction = min(width // max(1, draft_size[0]), height // max(1, draft_size[1]))
+    return encoded.decode(max_reduction=reduction)[0]
+
+
+@contextlib.contextmanager
+def _reading(path: str | Path) -> Iterator[None]:
+    """Turn whatever reading or parsing `path` raises into UnreadableImage."""
+    try:
+        yield
+    except UnreadableImage:
+        raise
+    except FileNotFoundError:
+        raise UnreadableImage(path, "no such file") from None
+    except IsADirectoryError:
+        raise UnreadableImage(path, "is a directory, expected an image file") from None
+    # PIL plugins raise many exception types on corrupt data (OSError, SyntaxError, struct.error,
+    # IndexError, DecompressionBombError…); all of them mean "this file is not a usable image".
+    except Exception as error:
+        raise UnreadableImage(path, f"{type(error).__name__}: {error}") from error
+
+
+def _to_rgb(image: Image.Image, name: Path) -> Image.Image:
+    mode = image.mode
+    if mode in ("RGB", "L", "1", "CMYK", "YCbCr"):
+        return image.convert("RGB")
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA", "P"):
+        # via RGBA so that palettes with `transparency` convert without PIL's warning; alpha is dropped
+        return image.convert("RGBA").convert("RGB")
+    if mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        return _gray_to_rgb(np.clip(values, 0, 65535) * (255 / 65535))
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise UnreadableImage(name, "float image contains NaN or inf")
+        unit_range = values.size and values.min() >= 0 and values.max() <= 1
+        return _gray_to_rgb(np.clip(values * 255 if unit_range else values, 0, 255))
+    raise UnreadableImage(name, f"unsupported image mode {mode!r}")
+
+
+def _gray_to_rgb(values: np.ndarray) -> Image.Image:
+    gray = np.rint(values).astype(np.uint8)
+    return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2))
