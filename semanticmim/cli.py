@@ -48,6 +48,39 @@ def print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2))
 
 
+# ----------------------------------------------------------------------------------------------- bench
+
+
+@app.command("bench")
+@friendly_errors
+def bench_command(
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    preset: Annotated[str, typer.Option(help="tiny (32 px, 192-d x 6) or vit-b (ViT-B/16 at 224)")] = "tiny",
+    batch_size: Annotated[int | None, typer.Option(help="Images per step (default depends on preset/device).")] = None,
+    steps: Annotated[int, typer.Option(help="Timed steps per round.")] = 3,
+    rounds: Annotated[int, typer.Option(help="Round-robin rounds; the median round is kept.")] = 3,
+    variant: Annotated[list[str] | None, typer.Option(help="Only these variants (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the records as a JSON list.")] = False,
+) -> None:
+    """Training-step speed of every variant and of timm's ViT, measured in one run, with ratios."""
+    from semanticmim.bench import run_benchmark
+
+    records = run_benchmark(device, preset, batch_size, steps, rounds, variant)
+    if as_json:
+        print_json(records)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"bench: {preset} on {device}, batch {records[0]['batch_size']}")
+    for column in ("variant", "step_ms", "img_per_s", "GFLOP/step", "MFU", "img/s vs timm", "step vs baseline"):
+        table.add_column(column, justify="right")
+    for r in records:
+        table.add_row(r["variant"], f"{r['step_ms']:.1f}", f"{r['img_per_s']:.1f}", f"{r['flops_per_step'] / 1e9:.1f}",
+                      f"{r['mfu']:.1%}", str(r.get("img_per_s_vs_timm", "")), str(r.get("step_vs_baseline", "")))
+    Console().print(table)
+    Console().print(f"measured matmul peak: {records[0]['peak_flops'] / 1e9:.1f} GFLOP/s")
+
+
 # ---------------------------------------------------------------------------------------------- export
 
 

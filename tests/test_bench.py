@@ -1,0 +1,39 @@
+"""`semanticmim bench`: one record per variant, measured in one run, with the ratios it promises."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from semanticmim.cli import app
+
+runner = CliRunner()
+
+
+def test_bench_json_records_measure_every_variant():
+    result = runner.invoke(app, ["bench", "--preset", "tiny", "--batch-size", "4", "--steps", "1", "--rounds", "1",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    records = {r["variant"]: r for r in json.loads(result.output)}
+    assert set(records) == {"beit", "beit-semanticmim", "maskfeat", "maskfeat-semanticmim", "mocov3", "timm-vit"}
+    for record in records.values():
+        seconds = record["step_ms"] / 1e3
+        assert seconds > 0 and record["flops_per_step"] > 0 and record["peak_flops"] > 0
+        assert abs(record["img_per_s"] - 4 / seconds) < 0.01 * record["img_per_s"] + 0.01
+        assert abs(record["achieved_flops"] * seconds / record["flops_per_step"] - 1) < 0.01
+        assert record["mfu"] == round(record["achieved_flops"] / record["peak_flops"], 4)
+    # MoCo v3 runs two views through two encoders: it must count more work than the one-view baseline.
+    assert records["mocov3"]["flops_per_step"] > records["maskfeat"]["flops_per_step"]
+    # The 8192-way BEiT head costs more than MaskFeat's 48-d HOG head on the same tokens.
+    assert records["beit"]["flops_per_step"] > records["maskfeat"]["flops_per_step"]
+    assert records["timm-vit"]["img_per_s_vs_timm"] == 1.0
+    assert "step_vs_baseline" in records["beit-semanticmim"] and "step_vs_baseline" in records["maskfeat-semanticmim"]
+
+
+def test_bench_bad_arguments():
+    for args, message in ((["--preset", "huge"], "preset must be one of"),
+                          (["--device", "tpu"], "device must be 'cpu' or 'cuda'"),
+                          (["--variant", "mae"], "unknown variants ['mae']")):
+        result = runner.invoke(app, ["bench", *args])
+        assert result.exit_code == 2 and message in result.output, result.output
