@@ -98,3 +98,164 @@ def export_command(
         raise InputError(f"--to {to!r} is not supported; expected 'timm'")
     config = export_timm(checkpoint, out_dir)
     typer.echo(f"wrote {out_dir}/model.safetensors and config.json ({config['architecture']})")
+
+
+# -------------------------------------------------------------------------------------------- pretrain
+
+
+@app.command("pretrain")
+@friendly_errors
+def pretrain_command(
+    variant: Annotated[str, typer.Argument(help="beit | beit-semanticmim | maskfeat | maskfeat-semanticmim | mocov3")],
+    params: Annotated[Path, typer.Option(help="params.yaml-shaped file; its `pretrain` section is read.")] = Path(
+        "params.yaml"),
+    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/pretrain/VARIANT).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    quiet: Annotated[bool, typer.Option(help="No progress bar; one line per epoch.")] = False,
+) -> None:
+    """Pretrain one variant; rerunning the same command after a kill resumes from the last checkpoint."""
+    from semanticmim.engine.loop import TrainingDiverged
+    from stages import pretrain
+
+    try:
+        metrics = pretrain.run(variant, params, out or Path("runs/pretrain") / variant, quiet, device)
+    except TrainingDiverged as error:
+        err_console.print(f"[bold red]error:[/] {error}", highlight=False)
+        raise typer.Exit(code=1) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted: checkpoint saved; rerun the same command to resume", highlight=False)
+        raise typer.Exit(code=130) from None
+    typer.echo(f"{variant}: final loss {metrics['final_loss']:.4f}, {metrics['img_per_s']:.0f} img/s")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@data_app.command("inspect")
+@friendly_errors
+def data_inspect_command(
+    root: Annotated[Path, typer.Argument(help="Dataset root folder.")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="imagefolder | imagenet | voc | ade20k | pairs")
+    ] = "imagefolder",
+    split: Annotated[
+        list[str] | None, typer.Option("--split", help="Split(s) to read (repeatable); default: all found.")
+    ] = None,
+    void_label: Annotated[
+        int | None, typer.Option(help="pairs: raw label value meaning 'unlabelled' (→ ignore).")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Threads decoding images.")] = 8,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+) -> None:
+    """Read every image (and label) of a dataset: counts, classes, sizes, unreadable files, problems.
+
+    Exits 0 when the dataset is usable, 1 when it is not (unreadable files alone are skipped, not fatal).
+    """
+    from rich.progress import Progress
+
+    from semanticmim.data.inspect import inspect_dataset
+
+    options = {"void_label": void_label} if void_label is not None else {}
+    with Progress(console=err_console, transient=True, disable=json_output) as progress:
+        task = progress.add_task("reading images", total=None)
+        report = inspect_dataset(
+            root, fmt, split or None, workers, lambda done: progress.advance(task, done), **options
+        )
+    if json_output:
+        print_json(report.to_dict())
+    else:
+        _print_dataset_report(report)
+    if not report.usable:
+        first = report.problems[0] if report.problems else "no readable images"
+        err_console.print(
+            f"[bold red]error:[/] {root} is not usable: {first} ({len(report.problems)} problem(s))",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(code=1)
+
+
+def _print_dataset_report(report: Any) -> None:
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"{report.format} dataset at {report.root}")
+    for column in ("split", "listed", "readable", "skipped"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, stats in report.splits.items():
+        table.add_row(name, str(stats["listed"]), str(stats["images"]), str(stats["skipped"]))
+    console.print(table)
+    names = ", ".join(report.classes[:12]) + (", ..." if len(report.classes) > 12 else "")
+    console.print(f"classes: {len(report.classes)} ({names})", highlight=False)
+    if report.image_size:
+        sizes = report.image_size
+        console.print(
+            f"image size (w x h): min {sizes['min']}, max {sizes['max']}, mean {sizes['mean']}, "
+            f"most common {sizes['most_common']}",
+            highlight=False,
+        )
+    for entry in report.skipped[:10]:
+        console.print(f"skipped: {entry['path']}: {entry['reason']}", highlight=False, soft_wrap=True)
+    for problem in report.problems[:10]:
+        console.print(f"[red]problem:[/] {problem}", highlight=False, soft_wrap=True)
+    hidden = max(0, len(report.skipped) - 10) + max(0, len(report.problems) - 10)
+    if hidden:
+        console.print(f"... and {hidden} more (see --json)")
+
+
+@data_app.command("prepare")
+@friendly_errors
+def data_prepare_command(
+    kind: Annotated[str, typer.Argument(help="embedded | imagefolder | imagenet | voc | ade20k | pairs")],
+    out: Annotated[Path, typer.Option(help="embedded: output folder; others: the manifest JSON to write.")],
+    root: Annotated[Path | None, typer.Argument(help="Dataset root (not for 'embedded').")] = None,
+    image_size: Annotated[int, typer.Option(help="embedded: image side in px.")] = 64,
+    train: Annotated[int, typer.Option(help="embedded: training images.")] = 5000,
+    val: Annotated[int, typer.Option(help="embedded: validation images.")] = 1000,
+    seed: Annotated[int, typer.Option(help="embedded: generator seed.")] = 0,
+    workers: Annotated[int | None, typer.Option(help="Processes (embedded) or threads (manifest).")] = None,
+    split: Annotated[
+        list[str] | None, typer.Option("--split", help="manifest: split(s) to include; default: all found.")
+    ] = None,
+) -> None:
+    """Write the embedded dataset, or a manifest (counts + content fingerprint) of an external one."""
+    if kind == "embedded":
+        from semanticmim.data.embedded import generate_embedded
+
+        if root is not None:
+            raise InputError(f"prepare embedded takes no ROOT (got {root}); use --out DIR")
+        meta = generate_embedded(out, image_size, train, val, seed, workers)
+        typer.echo(f"wrote {out}: {meta['splits']} images of {image_size} px, {len(meta['classes'])} classes")
+        return
+    from semanticmim.data.inspect import write_manifest
+
+    if root is None:
+        raise InputError(f"prepare {kind} needs the dataset ROOT: semanticmim data prepare {kind} ROOT --out M.json")
+    manifest = write_manifest(root, kind, out, split or None, workers or 8)
+    typer.echo(f"wrote {out}: {manifest['files']} files, splits {manifest['splits']}, {manifest['fingerprint'][:19]}")
+
+
+# --------------------------------------------------------------------------------------------- targets
+
+
+@targets_app.command("import-dalle")
+@friendly_errors
+def targets_import_dalle_command(
+    encoder_pkl: Annotated[Path, typer.Argument(help="OpenAI's DALL-E encoder.pkl (a pickled Encoder module).")],
+    out: Annotated[Path, typer.Argument(help="The DalleTokenizer safetensors file to write.")],
+) -> None:
+    """Convert OpenAI's DALL-E encoder.pkl into a DalleTokenizer safetensors file (unpickles the input)."""
+    from semanticmim.targets.dalle import import_openai_pickle
+
+    typer.echo(
+        f"note: {encoder_pkl} is a Python pickle and will be unpickled; use only a file you trust "
+        "(OpenAI's encoder.pkl). Globals outside torch's module classes are refused.",
+        err=True,
+    )
+    tokenizer = import_openai_pickle(encoder_pkl, out)
+    config = tokenizer.config
+    typer.echo(
+        f"wrote {out}: DalleTokenizer vocab_size={config.vocab_size} n_hid={config.n_hid} "
+        f"group_count={config.group_count} n_blk_per_group={config.n_blk_per_group} "
+        f"({config.downsample}x downsampling)"
+    )

@@ -1,0 +1,3 @@
+from semanticmim.cli import app
+
+app(prog_name="semanticmim")

@@ -1,0 +1,91 @@
+"""Training checkpoints: `checkpoints/step_NNNNNNNN/` holding `model.safetensors` (weights + model
+config), `optimizer.safetensors` (optimizer tensors) and `state.json` (step, epoch, variant,
+optimizer hyper-parameters). Each is written into a hidden temp folder that is renamed into place, so
+a kill mid-write never replaces the last good checkpoint. No RNG state is stored: the loop reseeds
+from (seed, step, rank) every step and data augmentation from (seed, epoch, index) every sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from semanticmim.errors import InputError
+from semanticmim.models.factory import load_state_strict, read_model_header, save_model
+
+PREFIX = "step_"
+
+
+def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state -> (tensors for safetensors, JSON-able rest)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for param_id, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{param_id}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{param_id}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict] = {}
+    for flat, value in [*tensors.items(), *rest["scalars"].items()]:
+        param_id, key = flat.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def save_checkpoint(
+    directory: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, keep: int
+) -> Path:
+    """Write checkpoint `step` atomically and keep only the newest `keep` checkpoints."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"{PREFIX}{step:08d}"
+    tmp = directory / f".tmp-{PREFIX}{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, tmp / "model.safetensors")
+    tensors, rest = flatten_optimizer(optimizer)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": rest}, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(directory)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp folders of interrupted writes are ignored)."""
+    if not directory.is_dir():
+        return []
+    return sorted(path for path in directory.iterdir()
+                  if path.name.startswith(PREFIX) and (path / "state.json").is_file())
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, expect: dict) -> dict:
+    """Restore model and optimizer from `path`; refuse one from another variant or architecture.
+
+    `expect` holds the state keys that must match (e.g. variant); the model config must match too.
+    """
+    state = json.loads((path / "state.json").read_text())
+    for key, value in expect.items():
+        if state.get(key) != value:
+            raise InputError(f"{path}: checkpoint has {key}={state.get(key)!r} but this run has {key}={value!r}; "
+                             "use another --out folder or delete the checkpoints")
+    header = read_model_header(path / "model.safetensors")
+    if header["config"] != model.config.to_dict():
+        raise InputError(f"{path}: checkpoint is of another architecture ({header['config']['encoder']}); "
+                         "use another --out folder or delete the checkpoints")
+    load_state_strict(model, load_file(str(path / "model.safetensors")), str(path))
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
+    return state

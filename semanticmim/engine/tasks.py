@@ -1,0 +1,129 @@
+"""What each method computes from a batch: the loop calls `task.loss(module, batch, step)`.
+
+MIM (BEiT, MaskFeat, both SemanticMIM variants): masks come with each sample (`MaskedSamples`, drawn in
+the data workers from the sample's own seed, so they do not depend on batch layout, accumulation or
+world size); compute the target on the training device in fp32 without gradients (HOG of the
+normalised view; dVAE tokens of the 112-px view), predict the masked patches. MoCo v3: two views
+and the step's momentum. dVAE: the step's Gumbel-softmax temperature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from semanticmim.errors import InputError
+from semanticmim.models import MaskedImageModel, MaskGenerator
+from semanticmim.models.mocov3 import MoCoV3, momentum_at
+from semanticmim.targets import DalleTokenizer, HOGTarget
+from semanticmim.targets.dvae import DiscreteVAE, temperature_schedule
+
+
+def to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    return type(batch)(to_device(item, device) for item in batch)
+
+
+def no_autocast(device: torch.device):
+    return torch.autocast(device.type, enabled=False)
+
+
+class MaskedSamples(Dataset):
+    """Adds the sample's masks: `(views, label)` -> `(views, visible (N,) bool, masked (N,) bool)`.
+
+    Drawn with the global torch RNG, which `SeededSamples` seeds from (seed, epoch, index)."""
+
+    def __init__(self, dataset: Dataset, masks: MaskGenerator) -> None:
+        self.dataset, self.masks = dataset, masks
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        views, _label = self.dataset[index]
+        visible, masked = self.masks(1)
+        return views, visible[0], masked[0]
+
+
+@dataclass
+class MIMTask:
+    name: str
+    model: MaskedImageModel
+    hog: HOGTarget | None = None
+    tokenizer: DalleTokenizer | None = None
+
+    def __post_init__(self) -> None:
+        if self.model.config.target == "dvae":
+            if self.tokenizer is None:
+                raise InputError(f"{self.name} predicts dVAE tokens but no tokenizer was given")
+            self.tokenizer.eval().requires_grad_(False)
+            if self.tokenizer.vocab_size != self.model.config.target_dim:
+                raise InputError(f"tokenizer vocabulary {self.tokenizer.vocab_size} != model head "
+                                 f"{self.model.config.target_dim}")
+        elif self.hog is None:
+            raise InputError(f"{self.name} predicts HOG but no HOGTarget was given")
+
+    def targets(self, views) -> tuple[torch.Tensor, torch.Tensor]:
+        """views -> images (B, 3, H, W) and targets (B, N) tokens or (B, N, C) HOG."""
+        with torch.no_grad(), no_autocast(self.device):
+            if self.model.config.target == "dvae":
+                images, tokenizer_view = views
+                return images, self.tokenizer(tokenizer_view)
+            return views, self.hog(views)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.mask_token.device
+
+    def loss(self, module: nn.Module, batch, step: int) -> torch.Tensor:
+        """batch: (views, visible (B, N) bool, masked (B, N) bool)."""
+        views, visible, masked = to_device(batch, self.device)
+        images, target = self.targets(views)
+        if target.shape[1] != visible.shape[1]:
+            raise InputError(f"target has {target.shape[1]} positions but the model has {visible.shape[1]} "
+                             "patches; tokenizer grid and patch grid must match")
+        return module(images, visible, masked, target)
+
+    def to(self, device: torch.device) -> MIMTask:
+        for part in (self.hog, self.tokenizer):
+            if part is not None:
+                part.to(device)
+        return self
+
+
+@dataclass
+class MoCoTask:
+    name: str
+    model: MoCoV3
+    total_steps: int
+    base_momentum: float = 0.99
+
+    def loss(self, module: nn.Module, batch, step: int) -> torch.Tensor:
+        (view1, view2), _labels = to_device(batch, self.model.encoder.pos_embed.device)
+        return module(view1, view2, momentum=momentum_at(step, self.total_steps, self.base_momentum))
+
+    def to(self, device: torch.device) -> MoCoTask:
+        return self
+
+
+@dataclass
+class DVAETask:
+    name: str
+    model: DiscreteVAE
+    total_steps: int
+    temperature_start: float = 1.0
+    temperature_end: float = 1 / 16
+
+    def loss(self, module: nn.Module, batch, step: int) -> torch.Tensor:
+        images, _labels = to_device(batch, next(self.model.parameters()).device)
+        tau = temperature_schedule(step, self.total_steps, self.temperature_start, self.temperature_end)
+        with no_autocast(images.device):
+            loss, _stats = module(images, temperature=tau)
+        return loss
+
+    def to(self, device: torch.device) -> DVAETask:
+        return self

@@ -1,0 +1,1 @@
+"""DVC stages: each reads its params section (validated), calls the library, writes outputs."""

@@ -1,0 +1,84 @@
+"""Stage `pretrain@VARIANT`: params.yaml `pretrain` section -> runs/pretrain/VARIANT/.
+
+Outputs: model.safetensors (whole pretraining model), encoder/ (timm export), checkpoints/,
+metrics.json, run.json, dvclive/ curves, and for MIM variants reconstructions.png.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from semanticmim.config import PretrainParams, Recipe, load_section, resolve_path
+from semanticmim.data.layouts import ClassificationDataset, read_imagefolder
+from semanticmim.data.transforms import BeitTwoView, CropFlipNormalize, MocoTwoView
+from semanticmim.engine import distributed
+from semanticmim.engine.loop import RunOptions, Schedule, plan_batches, train
+from semanticmim.engine.tasks import MaskedSamples, MIMTask, MoCoTask
+from semanticmim.errors import InputError
+from semanticmim.models import VARIANTS, EncoderConfig, MaskGenerator, build_variant
+from semanticmim.models.export import export_timm
+from semanticmim.models.factory import hog_dim
+from semanticmim.models.mocov3 import MoCoConfig, MoCoV3
+from semanticmim.targets import DalleTokenizer, HOGTarget
+from stages.common import run_info
+
+
+def pretrain_transform(variant: str, recipe: Recipe, img_size: int):
+    """The variant's augmentation (DESIGN §3): BEiT two views, MaskFeat crop+flip, MoCo v3 two views."""
+    if variant.startswith("beit"):
+        return BeitTwoView(img_size, recipe.crop_scale, recipe.color_jitter, recipe.hflip)
+    if variant.startswith("maskfeat"):
+        return CropFlipNormalize(img_size, recipe.crop_scale, recipe.hflip)
+    return MocoTwoView(img_size, recipe.crop_scale)
+
+
+def build_task(variant: str, params: PretrainParams, recipe: Recipe, params_file: Path, total_steps: int):
+    encoder = EncoderConfig(block=VARIANTS[variant].block, num_proxy=recipe.num_proxy or 1, **params.model.model_dump())
+    if variant == "mocov3":
+        model = MoCoV3(MoCoConfig(encoder, recipe.mlp_dim, recipe.out_dim, recipe.temperature))
+        return MoCoTask(variant, model, total_steps, recipe.base_momentum)
+    if VARIANTS[variant].target == "hog":
+        cell = params.hog.cell_size or encoder.patch_size // 2
+        hog = HOGTarget(params.hog.nbins, cell, encoder.patch_size, encoder.patch_size)
+        model = build_variant(variant, encoder, recipe.num_proxy, hog_dim(encoder.patch_size, cell, params.hog.nbins))
+        return MIMTask(variant, model, hog=hog)
+    tokenizer_path = resolve_path(params.tokenizer, params_file)
+    if not tokenizer_path.is_file():
+        raise InputError(f"{tokenizer_path}: tokenizer not found; run `semanticmim targets train-dvae` "
+                         "or `semanticmim targets import-dalle` first (pretrain.tokenizer)")
+    tokenizer = DalleTokenizer.load(tokenizer_path)
+    model = build_variant(variant, encoder, recipe.num_proxy, tokenizer.vocab_size)
+    return MIMTask(variant, model, tokenizer=tokenizer)
+
+
+def run(variant: str, params_file: Path, out_dir: Path, quiet: bool = False, device: str = "auto") -> dict:
+    params = load_section(params_file, "pretrain")
+    recipe = params.recipe(variant)
+    env = distributed.setup(device)
+    try:
+        split = read_imagefolder(resolve_path(params.data.root, params_file), params.data.train_split)
+        transform = pretrain_transform(variant, recipe, params.model.img_size)
+        dataset = ClassificationDataset(split, transform, skip_report=out_dir / "skipped.jsonl")
+        if recipe.mask_ratio is not None:
+            num_patches = (params.model.img_size // params.model.patch_size) ** 2
+            dataset = MaskedSamples(dataset, MaskGenerator(num_patches, recipe.mask_ratio, recipe.img_mask_ratio))
+        schedule = Schedule(
+            epochs=recipe.epochs, batch_size=recipe.batch_size, effective_batch=recipe.effective_batch,
+            lr=0.0, min_lr=recipe.min_lr, warmup_epochs=recipe.warmup_epochs, weight_decay=recipe.weight_decay,
+            betas=recipe.betas, eps=recipe.eps, clip_grad=recipe.clip_grad,
+        )
+        plan = plan_batches(schedule, len(dataset), env.world_size)
+        schedule = Schedule(**{**vars(schedule), "lr": recipe.scaled_lr(plan.global_batch)})
+        torch.manual_seed(params.run.seed)  # the same initial weights on every rank and every rerun
+        task = build_task(variant, params, recipe, params_file, plan.total_steps).to(env.device)
+        options = RunOptions(**params.run.model_dump(), num_workers=params.data.num_workers, quiet=quiet)
+        info = run_info(f"pretrain@{variant}", {**params.model_dump(mode="json"), "resolved_recipe":
+                        recipe.model_dump(mode="json"), "lr_scaled": schedule.lr}, params_file, env)
+        metrics = train(task, dataset, schedule, options, env, out_dir, info)
+        if env.is_main:
+            export_timm(out_dir / "model.safetensors", out_dir / "encoder")
+        return metrics
+    finally:
+        distributed.teardown()
