@@ -112,13 +112,16 @@ def pretrain_command(
     out: Annotated[Path | None, typer.Option(help="Output folder (default runs/pretrain/VARIANT).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     quiet: Annotated[bool, typer.Option(help="No progress bar; one line per epoch.")] = False,
+    discard_stale_checkpoints: Annotated[bool, typer.Option(
+        help="Delete checkpoints written with other settings instead of refusing them (dvc.yaml uses it).")] = False,
 ) -> None:
     """Pretrain one variant; rerunning the same command after a kill resumes from the last checkpoint."""
     from semanticmim.engine.loop import TrainingDiverged
     from stages import pretrain
 
     try:
-        metrics = pretrain.run(variant, params, out or Path("runs/pretrain") / variant, quiet, device)
+        metrics = pretrain.run(variant, params, out or Path("runs/pretrain") / variant, quiet, device,
+                               discard_stale_checkpoints)
     except TrainingDiverged as error:
         err_console.print(f"[bold red]error:[/] {error}", highlight=False)
         raise typer.Exit(code=1) from None

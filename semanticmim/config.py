@@ -143,7 +143,25 @@ class DVAEParams(Strict):
     run: RunParams = RunParams()
 
 
-SECTIONS: dict[str, type[BaseModel]] = {"pretrain": PretrainParams, "dvae": DVAEParams}
+class DataPrepareParams(Strict):
+    """The `data` section: write the embedded dataset, or a manifest of an external one."""
+
+    kind: Literal["embedded", "imagefolder", "imagenet", "voc", "ade20k", "pairs"] = "embedded"
+    out: Path = Path("data/embedded")  # embedded: the dataset folder; external: the manifest JSON
+    root: Path | None = None  # external datasets only
+    image_size: int = Field(64, ge=16, le=512)
+    train: PositiveInt = 5000
+    val: PositiveInt = 1000
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_root(self) -> DataPrepareParams:
+        if self.kind != "embedded" and self.root is None:
+            raise ValueError(f"kind {self.kind!r} needs `root`, the dataset folder")
+        return self
+
+
+SECTIONS: dict[str, type[BaseModel]] = {"data": DataPrepareParams, "pretrain": PretrainParams, "dvae": DVAEParams}
 
 
 def describe(error: ValidationError, prefix: str) -> str:

@@ -6,6 +6,8 @@ metrics.json, run.json, dvclive/ curves, and for MIM variants reconstructions.pn
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -53,7 +55,21 @@ def build_task(variant: str, params: PretrainParams, recipe: Recipe, params_file
     return MIMTask(variant, model, tokenizer=tokenizer)
 
 
-def run(variant: str, params_file: Path, out_dir: Path, quiet: bool = False, device: str = "auto") -> dict:
+def settings_fingerprint(variant: str, params: PretrainParams, recipe: Recipe, params_file: Path) -> str:
+    """What a checkpoint must share with a run to be resumed by it: variant, recipe, model, data, seed,
+    target settings and the tokenizer's content."""
+    settings = {"variant": variant, "recipe": recipe.model_dump(mode="json"),
+                **params.model_dump(mode="json", include={"model", "data", "hog", "run"})}
+    settings["run"] = {"seed": params.run.seed}
+    settings["data"] = {"root": str(resolve_path(params.data.root, params_file)), "split": params.data.train_split}
+    tokenizer = resolve_path(params.tokenizer, params_file)
+    if VARIANTS[variant].target == "dvae" and tokenizer.is_file():
+        settings["tokenizer_sha256"] = hashlib.sha256(tokenizer.read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run(variant: str, params_file: Path, out_dir: Path, quiet: bool = False, device: str = "auto",
+        discard_stale: bool = False) -> dict:
     params = load_section(params_file, "pretrain")
     recipe = params.recipe(variant)
     env = distributed.setup(device)
@@ -73,10 +89,12 @@ def run(variant: str, params_file: Path, out_dir: Path, quiet: bool = False, dev
         schedule = Schedule(**{**vars(schedule), "lr": recipe.scaled_lr(plan.global_batch)})
         torch.manual_seed(params.run.seed)  # the same initial weights on every rank and every rerun
         task = build_task(variant, params, recipe, params_file, plan.total_steps).to(env.device)
-        options = RunOptions(**params.run.model_dump(), num_workers=params.data.num_workers, quiet=quiet)
+        options = RunOptions(**params.run.model_dump(), num_workers=params.data.num_workers, quiet=quiet,
+                             discard_stale=discard_stale)
         info = run_info(f"pretrain@{variant}", {**params.model_dump(mode="json"), "resolved_recipe":
                         recipe.model_dump(mode="json"), "lr_scaled": schedule.lr}, params_file, env)
-        metrics = train(task, dataset, schedule, options, env, out_dir, info)
+        fingerprint = settings_fingerprint(variant, params, recipe, params_file)
+        metrics = train(task, dataset, schedule, options, env, out_dir, info, fingerprint)
         if env.is_main:
             export_timm(out_dir / "model.safetensors", out_dir / "encoder")
         return metrics

@@ -166,6 +166,13 @@ def test_checkpoint_of_another_variant_or_architecture_is_refused(dataset_root, 
     with pytest.raises(InputError, match="checkpoint is of another architecture") as error:
         pretrain.run("maskfeat", wider, tmp_path / "run", quiet=True, device="cpu")
     assert "\n" not in str(error.value)
+    other_lr = write_params(tmp_path, dataset_root, epochs=1, lr=5e-4)
+    with pytest.raises(InputError, match="written with other training settings"):
+        pretrain.run("maskfeat", other_lr, tmp_path / "run", quiet=True, device="cpu")
+    # what dvc.yaml asks for: a params change starts afresh instead of resuming stale weights
+    metrics = pretrain.run("maskfeat", other_lr, tmp_path / "run", quiet=True, device="cpu", discard_stale=True)
+    assert metrics["steps"] == 4 and metrics["img_per_s"] > 0  # trained 4 new steps, resumed none
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["params"]["lr"] == 5e-4
 
 
 # ---------------------------------------------------------------------------- accumulation and failures

@@ -71,20 +71,30 @@ def list_checkpoints(directory: Path) -> list[Path]:
                   if path.name.startswith(PREFIX) and (path / "state.json").is_file())
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, expect: dict) -> dict:
-    """Restore model and optimizer from `path`; refuse one from another variant or architecture.
+class StaleCheckpoint(InputError):
+    """The checkpoint was written by a run with other settings (variant, architecture or recipe)."""
 
-    `expect` holds the state keys that must match (e.g. variant); the model config must match too.
-    """
+
+def check_compatible(path: Path, model: nn.Module, variant: str, settings: str) -> dict:
+    """The checkpoint's state, or a one-line StaleCheckpoint saying what differs."""
     state = json.loads((path / "state.json").read_text())
-    for key, value in expect.items():
-        if state.get(key) != value:
-            raise InputError(f"{path}: checkpoint has {key}={state.get(key)!r} but this run has {key}={value!r}; "
-                             "use another --out folder or delete the checkpoints")
+    advice = "use another --out folder or delete its checkpoints/"
+    if state.get("variant") != variant:
+        raise StaleCheckpoint(f"{path}: checkpoint has variant={state.get('variant')!r} but this run has "
+                              f"variant={variant!r}; {advice}")
     header = read_model_header(path / "model.safetensors")
     if header["config"] != model.config.to_dict():
-        raise InputError(f"{path}: checkpoint is of another architecture ({header['config']['encoder']}); "
-                         "use another --out folder or delete the checkpoints")
+        raise StaleCheckpoint(f"{path}: checkpoint is of another architecture ({header['config']}); {advice}")
+    if state.get("settings") != settings:
+        raise StaleCheckpoint(f"{path}: checkpoint was written with other training settings (fingerprint "
+                              f"{state.get('settings')} != {settings}); {advice}")
+    return state
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, variant: str,
+                    settings: str) -> dict:
+    """Restore model and optimizer from `path`; refuse one from another variant, architecture or recipe."""
+    state = check_compatible(path, model, variant, settings)
     load_state_strict(model, load_file(str(path / "model.safetensors")), str(path))
     tensors = load_file(str(path / "optimizer.safetensors"))
     optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from semanticmim.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from semanticmim.engine.checkpoint import StaleCheckpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from semanticmim.engine.distributed import DistEnv, all_reduce_mean
 from semanticmim.engine.optim import build_adamw, build_schedule
 from semanticmim.engine.progress import Reporter
@@ -72,6 +73,7 @@ class RunOptions:
     compile: bool = False
     num_workers: int = 2
     quiet: bool = False
+    discard_stale: bool = False  # delete checkpoints of other settings instead of refusing them
 
 
 @dataclass
@@ -146,27 +148,32 @@ def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip_grad:
 
 
 def train(task: Task, dataset: Dataset, schedule: Schedule, options: RunOptions, env: DistEnv, out_dir: Path,
-          run_info: dict | None = None) -> dict:
+          run_info: dict | None = None, settings: str = "") -> dict:
     """Train `task.model` on `dataset`; resume from `out_dir/checkpoints` when there is one.
 
-    Returns the final metrics (also written by the caller); raises TrainingDiverged on a NaN loss and
-    re-raises KeyboardInterrupt after saving a checkpoint.
+    `settings` fingerprints everything that defines the run (recipe, data, seed): a checkpoint is
+    only resumed by a run with the same fingerprint. Returns the final metrics (also in
+    `metrics.json`); raises TrainingDiverged on a NaN loss and re-raises KeyboardInterrupt after
+    saving a checkpoint.
     """
     plan = plan_batches(schedule, len(dataset), env.world_size)
     model = task.model.to(env.device)
     optimizer = build_adamw(model, schedule.lr, schedule.weight_decay, schedule.betas, schedule.eps, env.device)
     lr_schedule = build_schedule(optimizer, plan.total_steps, plan.warmup_steps, schedule.min_lr)
-    step, last_loss = resume(out_dir / "checkpoints", model, optimizer, task.name)
+    reporter = Reporter(out_dir, env.is_main, options.quiet, run_info=run_info, plan=plan)
+    step, last_loss = resume(out_dir / "checkpoints", model, optimizer, task.name, settings, options.discard_stale,
+                             reporter.warn)
+    reporter.open_live(resumed=step > 0)
     module = wrap_model(model, env)
     forward_module = torch.compile(module) if options.compile else module
     sampler = ResumableSampler(len(dataset), options.seed, env.rank, env.world_size)
     loader = make_loader(dataset, sampler, plan.per_device_batch, options, env.device)
-    reporter = Reporter(out_dir, env.is_main, options.quiet, resumed=step > 0, run_info=run_info, plan=plan)
     start_time, start_step = time.perf_counter(), step
 
     def checkpoint() -> None:
         if env.is_main:
-            state = {"variant": task.name, "epoch": step // plan.steps_per_epoch, "loss": last_loss}
+            state = {"variant": task.name, "settings": settings, "epoch": step // plan.steps_per_epoch,
+                     "loss": last_loss}
             save_checkpoint(out_dir / "checkpoints", step, model, optimizer, state, options.keep_checkpoints)
 
     try:
@@ -231,12 +238,23 @@ def accumulate(task: Task, module: nn.Module, forward_module: nn.Module, group: 
     return total
 
 
-def resume(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, name: str) -> tuple[int, float]:
-    """Load the newest checkpoint, if any; return the step to continue from and its loss."""
+def resume(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, name: str, settings: str,
+           discard_stale: bool, reporter_warn) -> tuple[int, float]:
+    """Load the newest checkpoint, if any; return the step to continue from and its loss.
+
+    A checkpoint of other settings is an error, or, with `discard_stale` (what `dvc repro` asks for
+    after a params change), deleted with a warning so the run starts afresh."""
     checkpoints = list_checkpoints(directory)
     if not checkpoints:
         return 0, float("nan")
-    state = load_checkpoint(checkpoints[-1], model, optimizer, {"variant": name})
+    try:
+        state = load_checkpoint(checkpoints[-1], model, optimizer, name, settings)
+    except StaleCheckpoint as error:
+        if not discard_stale:
+            raise
+        reporter_warn(f"discarding stale checkpoints: {error}")
+        shutil.rmtree(directory)
+        return 0, float("nan")
     return int(state["step"]), float(state["loss"])
 
 

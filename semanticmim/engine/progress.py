@@ -20,8 +20,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 class Reporter:
-    def __init__(self, out_dir: Path, active: bool, quiet: bool, resumed: bool, run_info: dict | None,
-                 plan: Any) -> None:
+    def __init__(self, out_dir: Path, active: bool, quiet: bool, run_info: dict | None, plan: Any) -> None:
         self.out_dir, self.active, self.quiet = out_dir, active, quiet
         self.console = Console(stderr=True)
         self.progress: Progress | None = None
@@ -34,9 +33,14 @@ class Reporter:
             write_json_atomic(out_dir / "run.json", {**run_info, "batch_plan": vars(plan)})
         for note in plan.notes:
             self.warn(note)
+
+    def open_live(self, resumed: bool) -> None:
+        if not self.active:
+            return
         from dvclive import Live
 
-        self.live = Live(str(out_dir / "dvclive"), dvcyaml=False, save_dvc_exp=False, resume=resumed, report=None)
+        self.live = Live(str(self.out_dir / "dvclive"), dvcyaml=False, save_dvc_exp=False, resume=resumed,
+                         report=None)
 
     def warn(self, message: str) -> None:
         if self.active:
