@@ -167,7 +167,7 @@ SECTIONS: dict[str, type[BaseModel]] = {"data": DataPrepareParams, "pretrain": P
 def describe(error: ValidationError, prefix: str) -> str:
     """First validation problem as one line: `prefix.key.path: message (got value)`."""
     first = error.errors()[0]
-    location = ".".join(str(part) for part in (prefix, *first["loc"]))
+    location = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "[key]")
     got = f" (got {first['input']!r})" if first["type"] != "missing" and not isinstance(first["input"], dict) else ""
     return f"{location}: {first['msg']}{got}"
 
