@@ -11,19 +11,22 @@ import json
 from pathlib import Path
 
 import torch
+from torch.utils.data import default_collate
 
 from semanticmim.config import PretrainParams, Recipe, load_section, resolve_path
 from semanticmim.data.layouts import ClassificationDataset, read_imagefolder
 from semanticmim.data.transforms import BeitTwoView, CropFlipNormalize, MocoTwoView
 from semanticmim.engine import distributed
 from semanticmim.engine.loop import RunOptions, Schedule, plan_batches, train
-from semanticmim.engine.tasks import MaskedSamples, MIMTask, MoCoTask
+from semanticmim.engine.sampler import SeededSamples
+from semanticmim.engine.tasks import MaskedSamples, MIMTask, MoCoTask, to_device
 from semanticmim.errors import InputError
 from semanticmim.models import VARIANTS, EncoderConfig, MaskGenerator, build_variant
 from semanticmim.models.export import export_timm
 from semanticmim.models.factory import hog_dim
 from semanticmim.models.mocov3 import MoCoConfig, MoCoV3
 from semanticmim.targets import DalleTokenizer, HOGTarget
+from semanticmim.viz.reconstruction import hog_reconstructions, token_reconstructions
 from stages.common import run_info
 
 
@@ -53,6 +56,20 @@ def build_task(variant: str, params: PretrainParams, recipe: Recipe, params_file
     tokenizer = DalleTokenizer.load(tokenizer_path)
     model = build_variant(variant, encoder, recipe.num_proxy, tokenizer.vocab_size)
     return MIMTask(variant, model, tokenizer=tokenizer)
+
+
+@torch.no_grad()
+def save_reconstructions(task: MIMTask, dataset, seed: int, path: Path, count: int = 6) -> None:
+    """Predictions for the masked patches of the first training images (fixed augmentation seed)."""
+    samples = [SeededSamples(dataset, seed)[(0, index)] for index in range(min(count, len(dataset)))]
+    views, visible, masked = to_device(default_collate(samples), task.device)
+    task.model.eval()
+    images, target = task.targets(views)
+    prediction = task.model.head(task.model.forward_pretrain(images, visible, masked))
+    if task.hog is not None:
+        hog_reconstructions(images, visible, masked, target, prediction, task.hog, path)
+    else:
+        token_reconstructions(images, visible, masked, target, prediction, path, task.decoder)
 
 
 def settings_fingerprint(variant: str, params: PretrainParams, recipe: Recipe, params_file: Path) -> str:
@@ -97,6 +114,8 @@ def run(variant: str, params_file: Path, out_dir: Path, quiet: bool = False, dev
         metrics = train(task, dataset, schedule, options, env, out_dir, info, fingerprint)
         if env.is_main:
             export_timm(out_dir / "model.safetensors", out_dir / "encoder")
+            if isinstance(task, MIMTask):
+                save_reconstructions(task, dataset, params.run.seed, out_dir / "reconstructions.png")
         return metrics
     finally:
         distributed.teardown()
