@@ -48,6 +48,20 @@ def print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2))
 
 
+def run_training(start: Callable[[], dict]) -> dict:
+    """Run a training stage: NaN loss exits 1, Ctrl-C (after its checkpoint is saved) exits 130."""
+    from semanticmim.engine.loop import TrainingDiverged
+
+    try:
+        return start()
+    except TrainingDiverged as error:
+        err_console.print(f"[bold red]error:[/] {error}", highlight=False)
+        raise typer.Exit(code=1) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted: checkpoint saved; rerun the same command to resume", highlight=False)
+        raise typer.Exit(code=130) from None
+
+
 # ----------------------------------------------------------------------------------------------- bench
 
 
@@ -116,18 +130,10 @@ def pretrain_command(
         help="Delete checkpoints written with other settings instead of refusing them (dvc.yaml uses it).")] = False,
 ) -> None:
     """Pretrain one variant; rerunning the same command after a kill resumes from the last checkpoint."""
-    from semanticmim.engine.loop import TrainingDiverged
     from stages import pretrain
 
-    try:
-        metrics = pretrain.run(variant, params, out or Path("runs/pretrain") / variant, quiet, device,
-                               discard_stale_checkpoints)
-    except TrainingDiverged as error:
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False)
-        raise typer.Exit(code=1) from None
-    except KeyboardInterrupt:
-        err_console.print("interrupted: checkpoint saved; rerun the same command to resume", highlight=False)
-        raise typer.Exit(code=130) from None
+    out = out or Path("runs/pretrain") / variant
+    metrics = run_training(lambda: pretrain.run(variant, params, out, quiet, device, discard_stale_checkpoints))
     typer.echo(f"{variant}: final loss {metrics['final_loss']:.4f}, {metrics['img_per_s']:.0f} img/s")
 
 
@@ -158,8 +164,10 @@ def data_inspect_command(
 
     from semanticmim.data.inspect import inspect_dataset
 
+    if void_label is not None and fmt != "pairs":
+        raise InputError(f"--void-label applies to --format pairs only (got --format {fmt})")
     options = {"void_label": void_label} if void_label is not None else {}
-    with Progress(console=err_console, transient=True, disable=json_output) as progress:
+    with Progress(console=err_console, transient=True, disable=json_output or not err_console.is_terminal) as progress:
         task = progress.add_task("reading images", total=None)
         report = inspect_dataset(
             root, fmt, split or None, workers, lambda done: progress.advance(task, done), **options
@@ -262,3 +270,22 @@ def targets_import_dalle_command(
         f"group_count={config.group_count} n_blk_per_group={config.n_blk_per_group} "
         f"({config.downsample}x downsampling)"
     )
+
+
+@targets_app.command("train-dvae")
+@friendly_errors
+def targets_train_dvae_command(
+    params: Annotated[Path, typer.Option(help="params.yaml-shaped file; its `dvae` section is read.")] = Path(
+        "params.yaml"),
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/dvae"),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    quiet: Annotated[bool, typer.Option(help="No progress bar; one line per epoch.")] = False,
+    discard_stale_checkpoints: Annotated[bool, typer.Option(
+        help="Delete checkpoints written with other settings instead of refusing them.")] = False,
+) -> None:
+    """Train our own dVAE tokenizer (OpenAI's weights cannot be downloaded here); writes tokenizer.safetensors."""
+    from stages import dvae
+
+    metrics = run_training(lambda: dvae.run(params, out, quiet, device, discard_stale_checkpoints))
+    typer.echo(f"dvae: final loss {metrics['final_loss']:.4f}, held-out perplexity {metrics['val_perplexity']:.1f}, "
+               f"wrote {out / 'tokenizer.safetensors'}")

@@ -23,7 +23,7 @@ from semanticmim.engine.tasks import MaskedSamples, MIMTask, MoCoTask, to_device
 from semanticmim.errors import InputError
 from semanticmim.models import VARIANTS, EncoderConfig, MaskGenerator, build_variant
 from semanticmim.models.export import export_timm
-from semanticmim.models.factory import hog_dim
+from semanticmim.models.factory import hog_dim, load_model, read_model_header
 from semanticmim.models.mocov3 import MoCoConfig, MoCoV3
 from semanticmim.targets import DalleTokenizer, HOGTarget
 from semanticmim.viz.reconstruction import hog_reconstructions, token_reconstructions
@@ -55,7 +55,15 @@ def build_task(variant: str, params: PretrainParams, recipe: Recipe, params_file
                          "or `semanticmim targets import-dalle` first (pretrain.tokenizer)")
     tokenizer = DalleTokenizer.load(tokenizer_path)
     model = build_variant(variant, encoder, recipe.num_proxy, tokenizer.vocab_size)
-    return MIMTask(variant, model, tokenizer=tokenizer)
+    return MIMTask(variant, model, tokenizer=tokenizer, decoder=dvae_beside(tokenizer_path))
+
+
+def dvae_beside(tokenizer_path: Path) -> torch.nn.Module | None:
+    """Our dVAE stage writes the whole dVAE next to its tokenizer; an imported OpenAI encoder has none."""
+    path = tokenizer_path.with_name("model.safetensors")
+    if not path.is_file() or read_model_header(path).get("kind") != "dvae":
+        return None
+    return load_model(path).eval()
 
 
 @torch.no_grad()

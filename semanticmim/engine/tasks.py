@@ -55,7 +55,7 @@ class MIMTask:
     model: MaskedImageModel
     hog: HOGTarget | None = None
     tokenizer: DalleTokenizer | None = None
-    decoder: nn.Module | None = None  # the dVAE decoder, when at hand: only for drawing reconstructions
+    decoder: nn.Module | None = None  # our DiscreteVAE, when at hand: only for drawing reconstructions
 
     def __post_init__(self) -> None:
         if self.model.config.target == "dvae":

@@ -17,6 +17,7 @@ from semanticmim.errors import InputError
 from semanticmim.models.mim import MaskedImageModel, MIMConfig
 from semanticmim.models.mocov3 import MoCoConfig, MoCoV3
 from semanticmim.models.vit import EncoderConfig
+from semanticmim.targets.dvae import DiscreteVAE, DVAEConfig
 
 METADATA_KEY = "semanticmim"
 
@@ -90,14 +91,14 @@ def build_variant(
 
 # ------------------------------------------------------------------------------------- serialization
 
-_KINDS = {"mim": (MaskedImageModel, MIMConfig), "mocov3": (MoCoV3, MoCoConfig)}
+_KINDS = {"mim": (MaskedImageModel, MIMConfig), "mocov3": (MoCoV3, MoCoConfig), "dvae": (DiscreteVAE, DVAEConfig)}
 
 
 def model_kind(model: nn.Module) -> str:
     for kind, (cls, _) in _KINDS.items():
         if isinstance(model, cls):
             return kind
-    raise InputError(f"cannot save a {type(model).__name__}; expected MaskedImageModel or MoCoV3")
+    raise InputError(f"cannot save a {type(model).__name__}; expected MaskedImageModel, MoCoV3 or DiscreteVAE")
 
 
 def model_metadata(model: nn.Module) -> dict[str, str]:
@@ -135,7 +136,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
     if header.get("kind") not in _KINDS:
         raise InputError(f"{path}: unknown model kind {header.get('kind')!r}")
     model_cls, config_cls = _KINDS[header["kind"]]
-    model = model_cls(config_cls.from_dict(header["config"]))
+    config = config_cls.from_dict(header["config"])
+    model = model_cls.from_config(config) if model_cls is DiscreteVAE else model_cls(config)
     load_state_strict(model, load_file(str(path), device=str(map_location)), str(path))
     return model
 

@@ -87,8 +87,8 @@ def hog_reconstructions(images, visible, masked, target, prediction, hog, path: 
 
 @torch.no_grad()
 def token_reconstructions(images, visible, masked, target, prediction, path: Path, decoder=None) -> None:
-    """target (B, N) token ids; prediction (B, M, V) logits. With a dVAE `decoder` (one-hot codes ->
-    [0, 1] pixels) the tokens are decoded; else masked patches are green where the token is right."""
+    """target (B, N) token ids; prediction (B, M, V) logits. With a `DiscreteVAE` as `decoder` the tokens
+    are decoded to pixels; else masked patches are green where the predicted token is right."""
     grid = math.isqrt(masked.shape[1])
     rows = []
     for i in range(images.shape[0]):
@@ -99,7 +99,8 @@ def token_reconstructions(images, visible, masked, target, prediction, path: Pat
         if decoder is not None:
             for tokens in (target[i], filled):
                 codes = torch.nn.functional.one_hot(tokens.view(1, grid, grid), decoder.vocab_size)
-                row.append(decoder(codes.permute(0, 3, 1, 2).float())[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy())
+                pixels = decoder.decode(codes.permute(0, 3, 1, 2).to(images.device))[0].clamp(0, 1)
+                row.append(pixels.permute(1, 2, 0).cpu().numpy())
         else:
             correct = (filled == target[i]).float().view(grid, grid).cpu().numpy()
             shown = np.where(masked[i].view(grid, grid).cpu().numpy(), correct, 0.5)
