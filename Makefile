@@ -13,8 +13,9 @@ $(BIN)/semanticmim: pyproject.toml
 
 setup: $(BIN)/semanticmim
 
+# dvc runs each stage's `semanticmim ...` command through the shell: put the venv first on PATH.
 repro: setup
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: setup
 	$(BIN)/ruff check .

@@ -217,9 +217,10 @@ def _print_dataset_report(report: Any) -> None:
 @data_app.command("prepare")
 @friendly_errors
 def data_prepare_command(
-    kind: Annotated[str, typer.Argument(help="embedded | imagefolder | imagenet | voc | ade20k | pairs")],
-    out: Annotated[Path, typer.Option(help="embedded: output folder; others: the manifest JSON to write.")],
+    kind: Annotated[str | None, typer.Argument(help="embedded | imagefolder | imagenet | voc | ade20k | pairs")] = None,
     root: Annotated[Path | None, typer.Argument(help="Dataset root (not for 'embedded').")] = None,
+    out: Annotated[Path | None, typer.Option(help="embedded: output folder; others: the manifest JSON.")] = None,
+    params: Annotated[Path | None, typer.Option(help="Read everything from this file's `data` section.")] = None,
     image_size: Annotated[int, typer.Option(help="embedded: image side in px.")] = 64,
     train: Annotated[int, typer.Option(help="embedded: training images.")] = 5000,
     val: Annotated[int, typer.Option(help="embedded: validation images.")] = 1000,
@@ -230,6 +231,15 @@ def data_prepare_command(
     ] = None,
 ) -> None:
     """Write the embedded dataset, or a manifest (counts + content fingerprint) of an external one."""
+    if params is not None:
+        if kind is not None or out is not None:
+            raise InputError("--params reads kind, root and out from the file's `data` section; give no others")
+        from stages import prepare
+
+        typer.echo(prepare.run(params))
+        return
+    if kind is None or out is None:
+        raise InputError("give KIND and --out (e.g. `prepare embedded --out data/embedded`), or --params FILE")
     if kind == "embedded":
         from semanticmim.data.embedded import generate_embedded
 
