@@ -10,17 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
 from semanticmim.errors import InputError
 from semanticmim.models.factory import VARIANTS
+from semanticmim.schema import Strict, describe
 
 VariantName = Literal["beit", "beit-semanticmim", "maskfeat", "maskfeat-semanticmim", "mocov3"]
 Ratio = Field(gt=0.0, lt=1.0)
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelParams(Strict):
@@ -105,7 +102,7 @@ class PretrainParams(Recipe):
     run: RunParams = RunParams()
     hog: HOGParams = HOGParams()
     tokenizer: Path = Path("runs/dvae/tokenizer.safetensors")  # BEiT's dVAE (own or imported OpenAI)
-    variants: dict[VariantName, dict[str, Any]] = {}
+    variants: dict[VariantName, dict[str, Any]] = Field(default_factory=dict)
 
     def recipe(self, variant: str) -> Recipe:
         """The common recipe with `variants[variant]` merged over it, validated."""
@@ -166,14 +163,6 @@ class DataPrepareParams(Strict):
 
 
 SECTIONS: dict[str, type[BaseModel]] = {"data": DataPrepareParams, "pretrain": PretrainParams, "dvae": DVAEParams}
-
-
-def describe(error: ValidationError, prefix: str) -> str:
-    """First validation problem as one line: `prefix.key.path: message (got value)`."""
-    first = error.errors()[0]
-    location = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "[key]")
-    got = f" (got {first['input']!r})" if first["type"] != "missing" and not isinstance(first["input"], dict) else ""
-    return f"{location}: {first['msg']}{got}"
 
 
 def repo_root_of(path: Path) -> Path:

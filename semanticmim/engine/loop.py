@@ -10,7 +10,7 @@ import contextlib
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -148,18 +148,29 @@ def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip_grad:
 
 
 def train(task: Task, dataset: Dataset, schedule: Schedule, options: RunOptions, env: DistEnv, out_dir: Path,
-          run_info: dict | None = None, settings: str = "") -> dict:
+          run_info: dict | None = None, settings: str = "",
+          make_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+          make_lr_schedule: Callable[[torch.optim.Optimizer, Plan], Any] | None = None) -> dict:
     """Train `task.model` on `dataset`; resume from `out_dir/checkpoints` when there is one.
 
     `settings` fingerprints everything that defines the run (recipe, data, seed): a checkpoint is
-    only resumed by a run with the same fingerprint. Returns the final metrics (also in
-    `metrics.json`); raises TrainingDiverged on a NaN loss and re-raises KeyboardInterrupt after
-    saving a checkpoint.
+    only resumed by a run with the same fingerprint. By default the optimizer is the pretraining AdamW
+    and the lr follows warmup + cosine; evaluation protocols pass their own (`make_optimizer(model)`,
+    `make_lr_schedule(optimizer, plan)` returning an object with `step_update(step)`).
+
+    Returns the final metrics (also in `metrics.json`); raises TrainingDiverged on a NaN loss and
+    re-raises KeyboardInterrupt after saving a checkpoint.
     """
     plan = plan_batches(schedule, len(dataset), env.world_size)
     model = task.model.to(env.device)
-    optimizer = build_adamw(model, schedule.lr, schedule.weight_decay, schedule.betas, schedule.eps, env.device)
-    lr_schedule = build_schedule(optimizer, plan.total_steps, plan.warmup_steps, schedule.min_lr)
+    if make_optimizer is None:
+        optimizer = build_adamw(model, schedule.lr, schedule.weight_decay, schedule.betas, schedule.eps, env.device)
+    else:
+        optimizer = make_optimizer(model)
+    if make_lr_schedule is None:
+        lr_schedule = build_schedule(optimizer, plan.total_steps, plan.warmup_steps, schedule.min_lr)
+    else:
+        lr_schedule = make_lr_schedule(optimizer, plan)
     reporter = Reporter(out_dir, env.is_main, options.quiet, run_info=run_info, plan=plan)
     step, last_loss = resume(out_dir / "checkpoints", model, optimizer, task.name, settings, options.discard_stale,
                              reporter.warn)
