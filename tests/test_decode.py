@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFile
 
-from semanticmim.data.decode import UnreadableImage, draft_scale, load_rgb
+from semanticmim.data.decode import EncodedImage, UnreadableImage, load_rgb
 
 
 def _gradient(width: int = 64, height: int = 48) -> np.ndarray:
@@ -144,20 +145,83 @@ def test_draft_decodes_jpeg_at_reduced_scale(tmp_path):
     assert np.abs(small - _gradient()).mean() < 4
 
 
-def test_draft_scale_matches_pil(tmp_path):
+def test_encoded_image_reports_size_before_decoding(tmp_path):
     path = _save(np.zeros((375, 500, 3), np.uint8), tmp_path / "in.jpg")
-    for request in [
-        (500, 375),
-        (250, 188),
-        (250, 187),
-        (125, 94),
-        (125, 93),
-        (62, 46),
-        (10, 10),
-        (300, 10),
-        (1, 1),
-    ]:
-        with Image.open(path) as image:
-            image.draft("RGB", request)
-            scale = draft_scale((500, 375), request)
-            assert image.size == (-(-500 // scale), -(-375 // scale)), request
+    encoded = EncodedImage.from_file(path)
+    assert encoded.size == (500, 375) and encoded.format == "JPEG"
+
+
+@pytest.mark.parametrize(
+    ("max_reduction", "reduction"), [(1, 1), (1.9, 1), (2, 2), (3.5, 2), (4, 4), (7.9, 4), (8, 8), (50, 8)]
+)
+def test_encoded_image_decode_reduction(tmp_path, max_reduction, reduction):
+    array = np.repeat(np.repeat(_gradient(), 8, 0), 8, 1)[:375, :500]
+    encoded = EncodedImage.from_file(_save(array, tmp_path / "in.jpg", quality=95))
+    image, got = encoded.decode(max_reduction)
+    assert got == reduction
+    assert image.size == (-(-500 // reduction), -(-375 // reduction))
+    # decoded pixel x covers file pixels [x·s, (x+1)·s): compare block means away from the ragged edge
+    blocks = array[: 368 // reduction * reduction, : 496 // reduction * reduction].astype(float)
+    blocks = blocks.reshape(368 // reduction, reduction, 496 // reduction, reduction, 3).mean((1, 3))
+    decoded = np.asarray(image)[: blocks.shape[0], : blocks.shape[1]].astype(float)
+    assert np.abs(decoded - blocks).mean() < 3
+
+
+def test_png_ignores_reduction(tmp_path):
+    encoded = EncodedImage.from_file(_save(_gradient(), tmp_path / "a.png"))
+    image, reduction = encoded.decode(8)
+    assert reduction == 1 and image.size == (64, 48)
+
+
+def test_encoded_image_from_corrupt_bytes():
+    with pytest.raises(UnreadableImage, match=r"member\.jpg"):
+        EncodedImage(b"not an image", "shard.tar/member.jpg")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_decode_tensor_matches_decode(tmp_path, mode):
+    image = Image.fromarray(np.repeat(np.repeat(_gradient(), 4, 0), 4, 1)).convert(mode)
+    encoded = EncodedImage.from_file(_save(image, tmp_path / "a.jpg", quality=90))
+    for max_reduction in (1, 2):
+        pixels, reduction = encoded.decode_tensor(max_reduction)
+        decoded, expected_reduction = encoded.decode(max_reduction)
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, decoded.height, decoded.width)
+        assert reduction == expected_reduction
+        assert (pixels.permute(1, 2, 0).int() - torch.from_numpy(np.array(decoded)).int()).abs().max() <= 1
+
+
+def test_decode_tensor_truncated_raises(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    data = _save(noise, tmp_path / "full.jpg").read_bytes()
+    with pytest.raises(UnreadableImage, match=r"cut\.jpg"):
+        EncodedImage(data[: len(data) // 2], tmp_path / "cut.jpg").decode_tensor()
+
+
+@pytest.mark.parametrize(
+    ("mode", "options"),
+    [("RGB", {}), ("L", {}), ("CMYK", {}), ("RGB", {"progressive": True}), ("RGB", {"exif": b"Exif\0\0" + b"x" * 300})],
+)
+def test_fast_jpeg_header_agrees_with_pil(tmp_path, mode, options):
+    path = _save(Image.fromarray(_gradient()).convert(mode), tmp_path / "h.jpg", **options)
+    encoded = EncodedImage.from_file(path)
+    with Image.open(path) as image:
+        assert (encoded.size, encoded.format, encoded.mode) == (image.size, "JPEG", image.mode)
+    assert encoded.decode()[0].size == (64, 48)
+
+
+def test_valid_header_with_cut_body_fails_at_decode(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    data = _save(noise, tmp_path / "a.jpg").read_bytes()
+    encoded = EncodedImage(data[: len(data) // 2], "cut.jpg")  # the header is intact: only decoding can tell
+    assert encoded.size == (64, 64)
+    with pytest.raises(UnreadableImage, match=r"cut\.jpg"):
+        encoded.decode()
+    with pytest.raises(UnreadableImage, match=r"cut\.jpg"):
+        encoded.decode_tensor()
+
+
+def test_decompression_bomb_refused(tmp_path, monkeypatch):
+    path = _save(_gradient(), tmp_path / "a.jpg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(UnreadableImage, match="safety limit"):
+        EncodedImage.from_file(path)

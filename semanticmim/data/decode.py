@@ -1,10 +1,14 @@
 """Image decoding: any file PIL can read → 8-bit RGB, or one clear error.
 
-Mode policy (what `load_rgb` returns for each PIL mode):
+`load_rgb(path)` decodes a file; `EncodedImage` holds a file's bytes with only the header parsed, so
+that a transform can pick its crop first and let libjpeg decode at a reduced DCT scale (PIL `draft`),
+and can decode straight to a uint8 tensor (`decode_tensor`).
+
+Mode policy (what comes out for each PIL mode):
 - RGB, L, 1, YCbCr: converted by PIL.
 - RGBA, LA, PA, P with transparency: alpha is *dropped* (colour channels kept as stored), which is
-  what torchvision's `ImageFolder` loader and timm's readers do, so our ImageNet numbers see the same
-  pixels as the reference implementations.
+  what torchvision's `ImageFolder` loader (`convert("RGB")`) and timm's readers do, so our ImageNet
+  numbers see the same pixels as the reference implementations.
 - CMYK: PIL's conversion (Adobe-inverted CMYK JPEGs are un-inverted by PIL's JPEG reader).
 - I;16 / I;16B / I;16L / I (16-bit PNG/TIFF): full 16-bit range scaled to 8 bits, round(v·255/65535);
   values of 32-bit `I` images outside [0, 65535] are clipped.
@@ -12,21 +16,30 @@ Mode policy (what `load_rgb` returns for each PIL mode):
 - Anything else (LAB, HSV, multi-channel 16-bit…) → `UnreadableImage`.
 
 Truncated files always raise: PIL reports them only while `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` is False
-(its default), so `load_rgb` refuses to run when some other code switched that flag on.
+(its default), so `load_rgb` refuses to run when some other code switched that flag on. Corrupt
+entropy-coded data inside a complete JPEG is *not* detected: libjpeg repairs it with a warning
+("Corrupt JPEG data: …" on stderr) and neither PIL nor torchvision turns that into an error.
 """
 
 import contextlib
 import io
+import struct
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
+import torchvision.io
 from PIL import Image, ImageFile
 
 __all__ = ["EncodedImage", "UnreadableImage", "load_rgb"]
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _DCT_REDUCTIONS = (1, 2, 4, 8)
+_TORCHVISION_JPEG = hasattr(torchvision.io, "decode_jpeg")
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (not DHT, JPG, DAC)
+_JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}  # PIL's mode for a JPEG of that many components
 
 
 class UnreadableImage(Exception):
@@ -49,9 +62,16 @@ class EncodedImage:
     def __init__(self, data: bytes, name: str | Path):
         self.data = data
         self.name = Path(name)
-        with _reading(self.name), Image.open(io.BytesIO(data)) as header:
-            self.size: tuple[int, int] = header.size  # (width, height) in the file
-            self.format: str | None = header.format
+        jpeg = _jpeg_frame(data)
+        if jpeg is not None:  # 10× cheaper than PIL's header parsing, which reads every table
+            self.size, self.format, self.mode = jpeg[:2], "JPEG", _JPEG_MODES[jpeg[2]]
+        else:
+            with _reading(self.name), Image.open(io.BytesIO(data)) as header:
+                self.size: tuple[int, int] = header.size  # (width, height) in the file
+                self.format: str | None = header.format
+                self.mode: str = header.mode
+        if self.size[0] * self.size[1] > 2 * Image.MAX_IMAGE_PIXELS:  # PIL's decompression-bomb limit
+            raise UnreadableImage(self.name, f"{self.size[0]}×{self.size[1]} pixels exceeds PIL's safety limit")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "EncodedImage":
@@ -76,6 +96,18 @@ class EncodedImage:
             image.load()
             return _to_rgb(image, self.name), reduction
 
+    def decode_tensor(self, max_reduction: float = 1) -> tuple[torch.Tensor, int]:
+        """Like `decode`, as uint8 (3, H, W); full-size RGB/gray JPEGs go through torchvision's decoder,
+        which is faster and needs no PIL → tensor copy (CMYK and other modes stay with PIL's conversion)."""
+        if self.format != "JPEG" or self.mode not in ("RGB", "L") or max_reduction >= 2 or not _TORCHVISION_JPEG:
+            image, reduction = self.decode(max_reduction)
+            return torch.from_numpy(np.array(image)).permute(2, 0, 1), reduction
+        with _reading(self.name), warnings.catch_warnings():
+            # torchvision 0.29 deprecates its decoders in favour of TorchCodec; this one is still the fastest here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            encoded = torch.frombuffer(bytearray(self.data), dtype=torch.uint8)
+            return torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.RGB), 1
+
 
 def load_rgb(path: str | Path, draft_size: int | tuple[int, int] | None = None) -> Image.Image:
     """Decode `path` fully into an 8-bit RGB image.
@@ -90,10 +122,33 @@ def load_rgb(path: str | Path, draft_size: int | tuple[int, int] | None = None) 
         return encoded.decode()[0]
     width, height = encoded.size
     if isinstance(draft_size, int):
-        draft_size = (round(width * draft_size / min(width, height)), draft_size if width >= height else None)
-        draft_size = (draft_size[0], draft_size[1] or round(height * draft_size[0] / width))
-    reduction = min(width // max(1, draft_size[0]), height // max(1, draft_size[1]))
+        reduction = min(width, height) // max(1, draft_size)
+    else:
+        reduction = min(width // max(1, draft_size[0]), height // max(1, draft_size[1]))
     return encoded.decode(max_reduction=reduction)[0]
+
+
+def _jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from a baseline/progressive JPEG's frame header; None when the
+    data does not look like one (PIL then parses it and reports what is wrong)."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    position = 2
+    while position + 10 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+        elif marker in _SOF_MARKERS:
+            height, width = struct.unpack_from(">HH", data, position + 5)
+            components = data[position + 9]
+            return (width, height, components) if width and height and components in _JPEG_MODES else None
+        elif marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            return None
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            position += 2
+        else:
+            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return None
 
 
 @contextlib.contextmanager
@@ -115,7 +170,9 @@ def _reading(path: str | Path) -> Iterator[None]:
 
 def _to_rgb(image: Image.Image, name: Path) -> Image.Image:
     mode = image.mode
-    if mode in ("RGB", "L", "1", "CMYK", "YCbCr"):
+    if mode == "RGB":
+        return image
+    if mode in ("L", "1", "CMYK", "YCbCr"):
         return image.convert("RGB")
     if mode in ("RGBA", "RGBa", "LA", "La", "PA", "P"):
         # via RGBA so that palettes with `transparency` convert without PIL's warning; alpha is dropped

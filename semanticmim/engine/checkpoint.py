@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from semanticmim.errors import InputError
-from semanticmim.models.factory import load_state_strict, read_model_header, save_model
+from semanticmim.models.factory import load_state_strict, model_config, model_kind, read_model_header, save_model
 
 PREFIX = "step_"
 
@@ -83,7 +83,7 @@ def check_compatible(path: Path, model: nn.Module, variant: str, settings: str) 
         raise StaleCheckpoint(f"{path}: checkpoint has variant={state.get('variant')!r} but this run has "
                               f"variant={variant!r}; {advice}")
     header = read_model_header(path / "model.safetensors")
-    if header["config"] != model.config.to_dict():
+    if header["config"] != model_config(model) or header["kind"] != model_kind(model):
         raise StaleCheckpoint(f"{path}: checkpoint is of another architecture ({header['config']}); {advice}")
     if state.get("settings") != settings:
         raise StaleCheckpoint(f"{path}: checkpoint was written with other training settings (fingerprint "

@@ -95,14 +95,20 @@ _KINDS = {"mim": (MaskedImageModel, MIMConfig), "mocov3": (MoCoV3, MoCoConfig), 
 
 
 def model_kind(model: nn.Module) -> str:
+    """The registry name of a model `load_model` can rebuild, else its class name (weights only)."""
     for kind, (cls, _) in _KINDS.items():
         if isinstance(model, cls):
             return kind
-    raise InputError(f"cannot save a {type(model).__name__}; expected MaskedImageModel, MoCoV3 or DiscreteVAE")
+    return type(model).__name__
+
+
+def model_config(model: nn.Module) -> dict | None:
+    config = getattr(model, "config", None)
+    return config.to_dict() if hasattr(config, "to_dict") else None
 
 
 def model_metadata(model: nn.Module) -> dict[str, str]:
-    return {METADATA_KEY: json.dumps({"kind": model_kind(model), "config": model.config.to_dict()})}
+    return {METADATA_KEY: json.dumps({"kind": model_kind(model), "config": model_config(model)})}
 
 
 def save_model(model: nn.Module, path: str | Path) -> None:
@@ -134,7 +140,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
     """Rebuild the model described in `path` and load its weights strictly."""
     header = read_model_header(path)
     if header.get("kind") not in _KINDS:
-        raise InputError(f"{path}: unknown model kind {header.get('kind')!r}")
+        raise InputError(f"{path}: holds a {header.get('kind')!r}, not a pretraining model ({sorted(_KINDS)})")
     model_cls, config_cls = _KINDS[header["kind"]]
     config = config_cls.from_dict(header["config"])
     model = model_cls.from_config(config) if model_cls is DiscreteVAE else model_cls(config)

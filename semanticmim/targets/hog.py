@@ -14,6 +14,12 @@ The algorithm is mmpretrain's (itself from SlowFast), kept exact including its q
 
 mmpretrain hard-codes 14 patches per side (224 / 16); here the grid comes from `patch_size`.
 
+Inherited fp32 quirks: a derivative that is 0 in exact arithmetic (flat regions, and the first/last
+row or column where the reflect pad mirrors the neighbour) can come out of the fp32 convolution as
++-1 ulp. An angle of exactly 0/180 degrees can then land in the first or the last bin, and a cell with
+no real gradient (a flat, non-zero region) is normalised from rounding noise to unit length instead of
+staying zero. mmpretrain's targets do the same; the MSE loss simply cannot predict those cells.
+
 Differences from `skimage.feature.hog` (checked in `tests/test_hog.py`): Sobel smoothing instead of the
 plain `[-1, 0, 1]` difference; borders use the reflect pad instead of zero gradients; bin edges sit at
 multiples of `180/nbins` in the rotated angle `atan2(gx, gy)`, i.e. half a bin away from skimage's edges
@@ -65,9 +71,7 @@ class HOGTarget(nn.Module):
     without gradients, also under autocast. Expects the *normalised* image, as MaskFeat does.
     """
 
-    def __init__(
-        self, nbins: int = 9, cell_size: int = 8, patch_size: int = 16, window_size: int | None = 16
-    ) -> None:
+    def __init__(self, nbins: int = 9, cell_size: int = 8, patch_size: int = 16, window_size: int | None = 16) -> None:
         super().__init__()
         _check_config(nbins, cell_size, patch_size, window_size)
         self.nbins = nbins
@@ -150,13 +154,9 @@ class HOGTarget(nn.Module):
         height, width = images.shape[-2:]
         for name, size in (("height", height), ("width", width)):
             if size % self.patch_size:
-                raise InputError(
-                    f"HOGTarget images: {name} {size} is not divisible by patch_size {self.patch_size}"
-                )
+                raise InputError(f"HOGTarget images: {name} {size} is not divisible by patch_size {self.patch_size}")
             if self.window_size and size % self.window_size:
-                raise InputError(
-                    f"HOGTarget images: {name} {size} is not divisible by window_size {self.window_size}"
-                )
+                raise InputError(f"HOGTarget images: {name} {size} is not divisible by window_size {self.window_size}")
             if size < 2:
                 raise InputError(f"HOGTarget images: {name} {size} is too small for the 3x3 gradient")
 
