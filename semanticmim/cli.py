@@ -299,3 +299,28 @@ def targets_train_dvae_command(
     metrics = run_training(lambda: dvae.run(params, out, quiet, device, discard_stale_checkpoints))
     typer.echo(f"dvae: final loss {metrics['final_loss']:.4f}, held-out perplexity {metrics['val_perplexity']:.1f}, "
                f"wrote {out / 'tokenizer.safetensors'}")
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+@app.command("eval")
+@friendly_errors
+def eval_command(
+    protocol: Annotated[str, typer.Argument(help="linear-cls | finetune-cls | linear-seg | finetune-seg")],
+    encoder: Annotated[Path, typer.Option(help="timm-format export: model.safetensors + config.json.")],
+    data: Annotated[Path, typer.Option(help="Dataset root.")],
+    format: Annotated[str, typer.Option("--format", help="imagefolder | imagenet | voc | ade20k | pairs")],
+    params: Annotated[Path, typer.Option(help="params.yaml-shaped file; `eval.<protocol>` is read.")] = Path(
+        "params.yaml"),
+    out: Annotated[Path, typer.Option(help="Output folder (metrics.json, dvclive/, checkpoints/).")] = Path(
+        "runs/eval"),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Evaluate an encoder (ours or any timm ViT exported the same way) with one Table 1 protocol."""
+    from stages import evaluate
+
+    metrics = run_training(lambda: evaluate.run(protocol, encoder, data, format, params, out, quiet, device))
+    headline = {k: metrics[k] for k in ("top1", "top5", "miou") if k in metrics}
+    typer.echo(f"{protocol}: " + ", ".join(f"{k} {v:.2f}" for k, v in headline.items()))

@@ -173,8 +173,8 @@ def repo_root_of(path: Path) -> Path:
     return path.resolve().parent
 
 
-def load_section(params_file: str | Path, section: str) -> BaseModel:
-    """Read `section` of a params.yaml-shaped file and validate it. Raises one-line InputErrors."""
+def read_section(params_file: str | Path, section: str) -> dict:
+    """The raw `section` mapping of a params.yaml-shaped file (one-line InputErrors)."""
     params_file = Path(params_file)
     if not params_file.is_file():
         raise InputError(f"{params_file}: params file not found")
@@ -184,10 +184,19 @@ def load_section(params_file: str | Path, section: str) -> BaseModel:
         raise InputError(f"{params_file}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(document, dict) or section not in document:
         raise InputError(f"{params_file}: has no '{section}' section")
+    return document[section] or {}
+
+
+def validate(schema: type[BaseModel], values: dict, params_file: str | Path, location: str) -> BaseModel:
     try:
-        return SECTIONS[section].model_validate(document[section] or {})
+        return schema.model_validate(values)
     except ValidationError as error:
-        raise InputError(f"{params_file}: {describe(error, section)}") from None
+        raise InputError(f"{params_file}: {describe(error, location)}") from None
+
+
+def load_section(params_file: str | Path, section: str) -> BaseModel:
+    """Read `section` of a params.yaml-shaped file and validate it. Raises one-line InputErrors."""
+    return validate(SECTIONS[section], read_section(params_file, section), params_file, section)
 
 
 def resolve_path(path: Path, params_file: str | Path) -> Path:
