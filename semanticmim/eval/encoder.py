@@ -60,10 +60,11 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_encoder(export_dir: str | Path, img_size: int | None = None) -> Encoder:
+def load_encoder(export_dir: str | Path, img_size: int | None = None, **overrides) -> Encoder:
     """Build the timm model named in `config.json` and load `model.safetensors` strictly.
 
     img_size: evaluate at another resolution (the position embedding is resampled, e.g. 448 for VOC).
+    overrides: timm kwargs that do not change the weights' shapes, e.g. `drop_path_rate=0.1` to fine-tune.
     Missing or unexpected keys are a one-line InputError, never a warning.
     """
     export_dir = Path(export_dir)
@@ -76,6 +77,7 @@ def load_encoder(export_dir: str | Path, img_size: int | None = None) -> Encoder
         architecture, kwargs = config["architecture"], dict(config.get("kwargs", {}))
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise InputError(f"{config_path}: expected JSON with 'architecture' and 'kwargs' ({error})") from None
+    kwargs.update(overrides)
     if img_size is not None:
         kwargs.update(img_size=img_size, dynamic_img_size=True)
     try:
