@@ -45,7 +45,7 @@ def run(params_file: Path, out_dir: Path, quiet: bool = False, device: str = "au
         root = resolve_path(params.data.root, params_file)
         view = TokenizerView(params.image_size, params.crop_scale)
         train_set = ClassificationDataset(read_imagefolder(root, params.data.train_split), view,
-                                          skip_report=out_dir / "skipped.jsonl")
+                                          skip_report=out_dir / "skipped.jsonl", lazy_decode=True)
         schedule = Schedule(epochs=params.epochs, batch_size=params.batch_size, effective_batch=params.batch_size
                             * env.world_size, lr=params.lr, min_lr=params.min_lr, warmup_epochs=params.warmup_epochs,
                             weight_decay=params.weight_decay)

@@ -15,10 +15,10 @@ from torch.utils.data import default_collate
 
 from semanticmim.config import PretrainParams, Recipe, load_section, resolve_path
 from semanticmim.data.layouts import ClassificationDataset, read_imagefolder
+from semanticmim.data.loader import sample_seed, seeded_rngs
 from semanticmim.data.transforms import BeitTwoView, CropFlipNormalize, MocoTwoView
 from semanticmim.engine import distributed
 from semanticmim.engine.loop import RunOptions, Schedule, plan_batches, train
-from semanticmim.engine.sampler import SeededSamples
 from semanticmim.engine.tasks import MaskedSamples, MIMTask, MoCoTask, to_device
 from semanticmim.errors import InputError
 from semanticmim.models import VARIANTS, EncoderConfig, MaskGenerator, build_variant
@@ -69,7 +69,10 @@ def dvae_beside(tokenizer_path: Path) -> torch.nn.Module | None:
 @torch.no_grad()
 def save_reconstructions(task: MIMTask, dataset, seed: int, path: Path, count: int = 6) -> None:
     """Predictions for the masked patches of the first training images (fixed augmentation seed)."""
-    samples = [SeededSamples(dataset, seed)[(0, index)] for index in range(min(count, len(dataset)))]
+    samples = []
+    for index in range(min(count, len(dataset))):
+        with seeded_rngs(sample_seed(seed, 0, index)):
+            samples.append(dataset[index])
     views, visible, masked = to_device(default_collate(samples), task.device)
     task.model.eval()
     images, target = task.targets(views)
@@ -101,7 +104,7 @@ def run(variant: str, params_file: Path, out_dir: Path, quiet: bool = False, dev
     try:
         split = read_imagefolder(resolve_path(params.data.root, params_file), params.data.train_split)
         transform = pretrain_transform(variant, recipe, params.model.img_size)
-        dataset = ClassificationDataset(split, transform, skip_report=out_dir / "skipped.jsonl")
+        dataset = ClassificationDataset(split, transform, skip_report=out_dir / "skipped.jsonl", lazy_decode=True)
         if recipe.mask_ratio is not None:
             num_patches = (params.model.img_size // params.model.patch_size) ** 2
             dataset = MaskedSamples(dataset, MaskGenerator(num_patches, recipe.mask_ratio, recipe.img_mask_ratio))

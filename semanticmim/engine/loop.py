@@ -20,11 +20,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from semanticmim.data.loader import build_loader, sample_seed, set_epoch
 from semanticmim.engine.checkpoint import StaleCheckpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from semanticmim.engine.distributed import DistEnv, all_reduce_mean
 from semanticmim.engine.optim import build_adamw, build_schedule
 from semanticmim.engine.progress import Reporter
-from semanticmim.engine.sampler import ResumableSampler, SeededSamples, sample_seed
 from semanticmim.errors import InputError
 from semanticmim.models.factory import save_model
 
@@ -119,14 +119,6 @@ def wrap_model(model: nn.Module, env: DistEnv) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def make_loader(dataset: Dataset, sampler: ResumableSampler, batch_size: int, options: RunOptions,
-                device: torch.device) -> DataLoader:
-    workers = options.num_workers
-    return DataLoader(SeededSamples(dataset, options.seed), batch_size=batch_size, sampler=sampler,
-                      num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda",
-                      drop_last=True, prefetch_factor=4 if workers > 0 else None)
-
-
 def micro_batches(loader: DataLoader, accumulation: int) -> Iterator[list]:
     batches = iter(loader)
     while True:
@@ -177,8 +169,8 @@ def train(task: Task, dataset: Dataset, schedule: Schedule, options: RunOptions,
     reporter.open_live(resumed=step > 0)
     module = wrap_model(model, env)
     forward_module = torch.compile(module) if options.compile else module
-    sampler = ResumableSampler(len(dataset), options.seed, env.rank, env.world_size)
-    loader = make_loader(dataset, sampler, plan.per_device_batch, options, env.device)
+    loader = build_loader(dataset, plan.per_device_batch, shuffle=True, num_workers=options.num_workers,
+                          seed=options.seed, drop_last=True, distributed=env.distributed)
     start_time, start_step = time.perf_counter(), step
 
     def checkpoint() -> None:
@@ -190,7 +182,7 @@ def train(task: Task, dataset: Dataset, schedule: Schedule, options: RunOptions,
     try:
         for epoch in range(step // plan.steps_per_epoch, schedule.epochs):
             in_epoch = step - epoch * plan.steps_per_epoch
-            sampler.set_epoch(epoch, start=in_epoch * plan.per_device_batch * plan.accumulation)
+            set_epoch(loader, epoch, start=in_epoch * plan.per_device_batch * plan.accumulation)
             reporter.start_epoch(epoch, schedule.epochs, plan.steps_per_epoch, in_epoch)
             for group in micro_batches(loader, plan.accumulation):
                 lr_schedule.step_update(step)

@@ -35,7 +35,7 @@ def no_autocast(device: torch.device):
 class MaskedSamples(Dataset):
     """Adds the sample's masks: `(views, label)` -> `(views, visible (N,) bool, masked (N,) bool)`.
 
-    Drawn with the global torch RNG, which `SeededSamples` seeds from (seed, epoch, index)."""
+    Drawn with the global torch RNG, which the loader seeds from (seed, epoch, index) per sample."""
 
     def __init__(self, dataset: Dataset, masks: MaskGenerator) -> None:
         self.dataset, self.masks = dataset, masks

@@ -1,0 +1,93 @@
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from semanticmim.data.throughput import PIPELINES, collect_images, measure_pipelines
+from semanticmim.errors import InputError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CIFAR_TEST = SHARED / "data" / "cifar10" / "test.tar.gz"
+
+
+def _jpegs(folder: Path, count: int = 6) -> list[Path]:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (72 + i, 96, 3), dtype=np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def _assert_records(records, pipelines, max_images):
+    assert [(r["pipeline"], r["source"]) for r in records] == pipelines
+    for record in records:
+        assert set(record) == {
+            "pipeline",
+            "source",
+            "img_size",
+            "images",
+            "seconds",
+            "wall_seconds",
+            "img_per_s_per_core",
+        }
+        assert 1 <= record["images"] <= max_images
+        assert record["seconds"] > 0 and record["wall_seconds"] > 0
+        assert record["img_per_s_per_core"] == pytest.approx(record["images"] / record["seconds"], rel=1e-2)
+
+
+def test_every_pipeline_measured(tmp_path):
+    records = measure_pipelines(_jpegs(tmp_path / "images"), img_size=32, seconds=0.3, max_images=4)
+    expected = [(name, "folder") for name in PIPELINES] + [("maskfeat", "shards")]
+    _assert_records(records, expected, max_images=4)
+
+
+def test_unreadable_files_are_left_out(tmp_path):
+    paths = _jpegs(tmp_path / "images", count=2)
+    (tmp_path / "images" / "bad.jpg").write_bytes(b"junk")
+    records = measure_pipelines(
+        [*paths, tmp_path / "images" / "bad.jpg"], 32, seconds=0.2, max_images=3, pipelines=["maskfeat"], shards=()
+    )
+    _assert_records(records, [("maskfeat", "folder")], max_images=3)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(InputError, match="'nope'"):
+        measure_pipelines(_jpegs(tmp_path / "images", 1), pipelines=["nope"])
+    with pytest.raises(InputError, match="at least one"):
+        measure_pipelines([])
+    (tmp_path / "junk.jpg").write_bytes(b"junk")
+    with pytest.raises(InputError, match="none of the 1 files"):
+        measure_pipelines([tmp_path / "junk.jpg"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no image files"):
+        collect_images(tmp_path / "empty")
+    with pytest.raises(InputError, match="not a directory"):
+        collect_images(tmp_path / "absent")
+
+
+def test_collect_images(tmp_path):
+    _jpegs(tmp_path / "a" / "b", 3)
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    found = collect_images(tmp_path, limit=2)
+    assert [path.name for path in found] == ["0.jpg", "1.jpg"]
+
+
+@pytest.mark.skipif(not CIFAR_TEST.is_file(), reason=f"{CIFAR_TEST} not present")
+def test_on_cifar_jpegs(tmp_path):
+    with tarfile.open(CIFAR_TEST) as archive:
+        members = []
+        for member in archive:
+            if member.isfile() and member.name.endswith(".jpg"):
+                members.append(member)
+            if len(members) == 8:
+                break
+        archive.extractall(tmp_path, members=members, filter="data")
+    samples = collect_images(tmp_path)
+    assert len(samples) == 8
+    records = measure_pipelines(samples, img_size=32, seconds=0.2, max_images=5, pipelines=["maskfeat", "linear"])
+    _assert_records(records, [("maskfeat", "folder"), ("linear", "folder"), ("maskfeat", "shards")], max_images=5)
