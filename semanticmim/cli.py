@@ -75,8 +75,23 @@ def bench_command(
     rounds: Annotated[int, typer.Option(help="Round-robin rounds; the median round is kept.")] = 3,
     variant: Annotated[list[str] | None, typer.Option(help="Only these variants (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the records as a JSON list.")] = False,
+    loop: Annotated[bool, typer.Option("--loop", help="Whole training steps through the pretrain stage (data, "
+                                       "targets, forward/backward, optimizer), one epoch per variant.")] = False,
+    params: Annotated[Path, typer.Option(help="--loop: the params file whose `pretrain` section is run.")] = Path(
+        "params.yaml"),
 ) -> None:
     """Training-step speed of every variant and of timm's ViT, measured in one run, with ratios."""
+    if loop:
+        from stages import bench_loop
+
+        records = bench_loop.run(params, variant, "cpu" if device == "cpu" else device)
+        if as_json:
+            print_json(records)
+            return
+        for r in records:
+            shares = ", ".join(f"{k} {v:.0%}" for k, v in r["time_share"].items())
+            typer.echo(f"{r['variant']:>22}: {r['img_per_s']:8.1f} img/s  ({shares})")
+        return
     from semanticmim.bench import run_benchmark
 
     records = run_benchmark(device, preset, batch_size, steps, rounds, variant)

@@ -87,6 +87,7 @@ class RunParams(Strict):
     log_every: PositiveInt = 10
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False
+    profile: bool = False  # on CUDA, synchronise around step phases to measure where time goes
 
 
 class HOGParams(Strict):

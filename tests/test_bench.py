@@ -37,3 +37,27 @@ def test_bench_bad_arguments():
                           (["--variant", "mae"], "unknown variants ['mae']")):
         result = runner.invoke(app, ["bench", *args])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_bench_loop_reports_where_step_time_goes(tmp_path):
+    from semanticmim.data.embedded import generate_embedded
+
+    generate_embedded(tmp_path / "data", image_size=32, train=64, val=16, workers=1)
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "pretrain:\n"
+        "  model: {img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}\n"
+        f"  data: {{root: {tmp_path / 'data' / 'classification'}, num_workers: 0}}\n"
+        "  epochs: 7\n  effective_batch: 16\n  batch_size: 16\n  lr_batch: 16\n  mlp_dim: 32\n  out_dim: 16\n")
+    result = runner.invoke(app, ["bench", "--loop", "--params", str(params), "--variant", "maskfeat",
+                                 "--variant", "mocov3", "--json"])
+    assert result.exit_code == 0, result.output
+    records = {r["variant"]: r for r in json.loads(result.output[result.output.index("["):])}
+    assert set(records) == {"maskfeat", "mocov3"}
+    for record in records.values():
+        assert record["steps"] == 4  # one epoch of 64 images at batch 16, whatever the params' epochs
+        shares = record["time_share"]
+        assert set(shares) == {"data", "targets", "forward_backward", "optimizer", "other"}
+        assert abs(sum(shares.values()) - 1) < 0.01 and min(shares.values()) >= 0
+    assert records["maskfeat"]["time_share"]["targets"] > 0  # HOG is computed and timed
+    assert records["mocov3"]["time_share"]["targets"] == 0

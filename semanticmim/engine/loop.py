@@ -25,6 +25,7 @@ from semanticmim.engine.checkpoint import StaleCheckpoint, list_checkpoints, loa
 from semanticmim.engine.distributed import DistEnv, all_reduce_mean
 from semanticmim.engine.optim import build_adamw, build_schedule
 from semanticmim.engine.progress import Reporter
+from semanticmim.engine.timing import PhaseTimer
 from semanticmim.errors import InputError
 from semanticmim.models.factory import save_model
 
@@ -74,6 +75,7 @@ class RunOptions:
     num_workers: int = 2
     quiet: bool = False
     discard_stale: bool = False  # delete checkpoints of other settings instead of refusing them
+    profile: bool = False  # on CUDA: synchronise around step phases to report where time goes
 
 
 @dataclass
@@ -171,6 +173,9 @@ def train(task: Task, dataset: Dataset, schedule: Schedule, options: RunOptions,
     forward_module = torch.compile(module) if options.compile else module
     loader = build_loader(dataset, plan.per_device_batch, shuffle=True, num_workers=options.num_workers,
                           seed=options.seed, drop_last=True, distributed=env.distributed)
+    timer = PhaseTimer(env.device, options.profile)
+    if hasattr(task, "timer"):
+        task.timer = timer
     start_time, start_step = time.perf_counter(), step
 
     def checkpoint() -> None:
@@ -184,11 +189,17 @@ def train(task: Task, dataset: Dataset, schedule: Schedule, options: RunOptions,
             in_epoch = step - epoch * plan.steps_per_epoch
             set_epoch(loader, epoch, start=in_epoch * plan.per_device_batch * plan.accumulation)
             reporter.start_epoch(epoch, schedule.epochs, plan.steps_per_epoch, in_epoch)
-            for group in micro_batches(loader, plan.accumulation):
-                lr_schedule.step_update(step)
+            groups = micro_batches(loader, plan.accumulation)
+            while True:
                 tick = time.perf_counter()
+                with timer("data"):
+                    group = next(groups, None)
+                if group is None:
+                    break
+                lr_schedule.step_update(step)
                 try:
-                    loss = accumulate(task, module, forward_module, group, step, env, options)
+                    with timer("forward_backward"):
+                        loss = accumulate(task, module, forward_module, group, step, env, options)
                 except Exception as error:  # torch.compile fails at the first call on unsupported platforms
                     if forward_module is module or isinstance(error, TrainingDiverged):
                         raise
@@ -196,7 +207,8 @@ def train(task: Task, dataset: Dataset, schedule: Schedule, options: RunOptions,
                     forward_module = module
                     optimizer.zero_grad(set_to_none=True)
                     loss = accumulate(task, module, forward_module, group, step, env, options)
-                grad_norm = clip_and_step(model, optimizer, schedule.clip_grad)
+                with timer("optimizer"):
+                    grad_norm = clip_and_step(model, optimizer, schedule.clip_grad)
                 step += 1
                 last_loss = loss
                 reporter.log_step(step, loss, optimizer.param_groups[0]["lr"], float(grad_norm),
@@ -216,6 +228,7 @@ def train(task: Task, dataset: Dataset, schedule: Schedule, options: RunOptions,
         "img_per_s": trained * plan.global_batch / seconds if trained else 0.0,
         "wall_time_s": seconds,
         "peak_memory_mb": peak_memory_mb(env.device),
+        "time_share": timer.shares(seconds),
     }
     if env.is_main:
         save_model(model, out_dir / "model.safetensors")

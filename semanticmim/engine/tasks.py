@@ -9,12 +9,15 @@ and the step's momentum. dVAE: the step's Gumbel-softmax temperature.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from semanticmim.engine.timing import no_timer
 from semanticmim.errors import InputError
 from semanticmim.models import MaskedImageModel, MaskGenerator
 from semanticmim.models.mocov3 import MoCoV3, momentum_at
@@ -56,6 +59,7 @@ class MIMTask:
     hog: HOGTarget | None = None
     tokenizer: DalleTokenizer | None = None
     decoder: nn.Module | None = None  # our DiscreteVAE, when at hand: only for drawing reconstructions
+    timer: Callable[[str], contextlib.AbstractContextManager] = no_timer  # set by the loop
 
     def __post_init__(self) -> None:
         if self.model.config.target == "dvae":
@@ -70,7 +74,7 @@ class MIMTask:
 
     def targets(self, views) -> tuple[torch.Tensor, torch.Tensor]:
         """views -> images (B, 3, H, W) and targets (B, N) tokens or (B, N, C) HOG."""
-        with torch.no_grad(), no_autocast(self.device):
+        with self.timer("targets"), torch.no_grad(), no_autocast(self.device):
             if self.model.config.target == "dvae":
                 images, tokenizer_view = views
                 return images, self.tokenizer(tokenizer_view)
