@@ -270,3 +270,21 @@ def test_torchrun_two_processes_match_one(dataset_root, tmp_path):
     b = weights(tmp_path / "two" / "run" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_a_failing_rank_does_not_hang_the_others(tmp_path):
+    """Rank 1 dies before a collective; torchrun must end the job with an error, not wait forever."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import torch\n"
+        "from semanticmim.engine import distributed\n"
+        "env = distributed.setup('cpu')\n"
+        "if env.rank == 1:\n"
+        "    raise SystemExit('rank 1 fails')\n"
+        "distributed.all_reduce_mean(torch.ones(1))\n")
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    start = time.time()
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script)], env=SUBPROCESS_ENV,
+                            cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0 and "rank 1 fails" in result.stdout + result.stderr
+    assert time.time() - start < 200
