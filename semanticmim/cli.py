@@ -79,8 +79,25 @@ def bench_command(
                                        "targets, forward/backward, optimizer), one epoch per variant.")] = False,
     params: Annotated[Path, typer.Option(help="--loop: the params file whose `pretrain` section is run.")] = Path(
         "params.yaml"),
+    data: Annotated[Path | None, typer.Option(help="Measure decode + augmentation img/s per core of every data "
+                                              "pipeline on the images under this folder instead.")] = None,
+    img_size: Annotated[int, typer.Option(help="--data: output size of the pipelines.")] = 224,
+    limit: Annotated[int, typer.Option(help="--data: use at most this many images.")] = 500,
+    seconds: Annotated[float, typer.Option(help="--data: CPU seconds per pipeline.")] = 2.0,
 ) -> None:
-    """Training-step speed of every variant and of timm's ViT, measured in one run, with ratios."""
+    """Training-step speed of every variant and of timm's ViT, measured in one run, with ratios.
+
+    With --loop, whole training steps through the pretrain stage; with --data, the data pipelines."""
+    if data is not None:
+        from semanticmim.data.throughput import collect_images, measure_pipelines
+
+        records = measure_pipelines(collect_images(data, limit), img_size, seconds=seconds)
+        if as_json:
+            print_json(records)
+            return
+        for r in records:
+            typer.echo(f"{r['pipeline']:>10} ({r['source']}): {r['img_per_s_per_core']:8.1f} img/s per core")
+        return
     if loop:
         from stages import bench_loop
 

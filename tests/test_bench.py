@@ -61,3 +61,17 @@ def test_bench_loop_reports_where_step_time_goes(tmp_path):
         assert abs(sum(shares.values()) - 1) < 0.01 and min(shares.values()) >= 0
     assert records["maskfeat"]["time_share"]["targets"] > 0  # HOG is computed and timed
     assert records["mocov3"]["time_share"]["targets"] == 0
+
+
+def test_bench_data_measures_every_pipeline(tmp_path):
+    from semanticmim.data.embedded import generate_embedded
+
+    generate_embedded(tmp_path / "data", image_size=32, train=16, val=8, workers=1)
+    result = runner.invoke(app, ["bench", "--data", str(tmp_path / "data" / "classification"), "--img-size", "32",
+                                 "--seconds", "0.05", "--json"])
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.output)
+    assert {r["pipeline"] for r in records} >= {"decode", "maskfeat", "beit", "mocov3", "finetune", "linear", "eval"}
+    assert all(r["images"] > 0 and r["img_per_s_per_core"] > 0 for r in records)
+    missing = runner.invoke(app, ["bench", "--data", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and len(missing.output.strip().splitlines()) == 1
