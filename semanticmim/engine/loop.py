@@ -157,83 +157,112 @@ def train(task: Task, dataset: Dataset, schedule: Schedule, options: RunOptions,
     """
     plan = plan_batches(schedule, len(dataset), env.world_size)
     model = task.model.to(env.device)
-    if make_optimizer is None:
-        optimizer = build_adamw(model, schedule.lr, schedule.weight_decay, schedule.betas, schedule.eps, env.device)
-    else:
-        optimizer = make_optimizer(model)
-    if make_lr_schedule is None:
-        lr_schedule = build_schedule(optimizer, plan.total_steps, plan.warmup_steps, schedule.min_lr)
-    else:
-        lr_schedule = make_lr_schedule(optimizer, plan)
+    optimizer = (make_optimizer or (lambda m: build_adamw(m, schedule.lr, schedule.weight_decay, schedule.betas,
+                                                          schedule.eps, env.device)))(model)
+    lr_schedule = (make_lr_schedule or (lambda o, p: build_schedule(o, p.total_steps, p.warmup_steps,
+                                                                    schedule.min_lr)))(optimizer, plan)
     reporter = Reporter(out_dir, env.is_main, options.quiet, run_info=run_info, plan=plan)
-    step, last_loss = resume(out_dir / "checkpoints", model, optimizer, task.name, settings, options.discard_stale,
-                             reporter.warn)
+    step, loss = resume(out_dir / "checkpoints", model, optimizer, task.name, settings, options.discard_stale,
+                        reporter.warn)
     reporter.open_live(resumed=step > 0)
-    module = wrap_model(model, env)
-    forward_module = torch.compile(module) if options.compile else module
     loader = build_loader(dataset, plan.per_device_batch, shuffle=True, num_workers=options.num_workers,
                           seed=options.seed, drop_last=True, distributed=env.distributed)
-    timer = PhaseTimer(env.device, options.profile)
-    if hasattr(task, "timer"):
-        task.timer = timer
+    run = Run(task, plan, schedule, options, env, out_dir, settings, optimizer, lr_schedule, reporter,
+              PhaseTimer(env.device, options.profile), wrap_model(model, env), step, loss)
     start_time, start_step = time.perf_counter(), step
-
-    def checkpoint() -> None:
-        if env.is_main:
-            state = {"variant": task.name, "settings": settings, "epoch": step // plan.steps_per_epoch,
-                     "loss": last_loss}
-            save_checkpoint(out_dir / "checkpoints", step, model, optimizer, state, options.keep_checkpoints)
-
     try:
         for epoch in range(step // plan.steps_per_epoch, schedule.epochs):
-            in_epoch = step - epoch * plan.steps_per_epoch
-            set_epoch(loader, epoch, start=in_epoch * plan.per_device_batch * plan.accumulation)
-            reporter.start_epoch(epoch, schedule.epochs, plan.steps_per_epoch, in_epoch)
-            groups = micro_batches(loader, plan.accumulation)
-            while True:
-                tick = time.perf_counter()
-                with timer("data"):
-                    group = next(groups, None)
-                if group is None:
-                    break
-                lr_schedule.step_update(step)
-                try:
-                    with timer("forward_backward"):
-                        loss = accumulate(task, module, forward_module, group, step, env, options)
-                except Exception as error:  # torch.compile fails at the first call on unsupported platforms
-                    if forward_module is module or isinstance(error, TrainingDiverged):
-                        raise
-                    reporter.warn(f"torch.compile failed ({str(error).splitlines()[0][:120]}); running eagerly")
-                    forward_module = module
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = accumulate(task, module, forward_module, group, step, env, options)
-                with timer("optimizer"):
-                    grad_norm = clip_and_step(model, optimizer, schedule.clip_grad)
-                step += 1
-                last_loss = loss
-                reporter.log_step(step, loss, optimizer.param_groups[0]["lr"], float(grad_norm),
-                                  plan.global_batch / (time.perf_counter() - tick), options.log_every)
-                if step % options.checkpoint_every == 0 or step == plan.total_steps:
-                    checkpoint()
-            reporter.end_epoch(epoch, last_loss)
+            run.train_epoch(loader, epoch)
     except KeyboardInterrupt:
-        checkpoint()
+        run.checkpoint()
         reporter.close()
         raise
-    seconds = time.perf_counter() - start_time
-    trained = step - start_step
-    metrics = {
-        "final_loss": float(all_reduce_mean(torch.tensor(last_loss))),
-        "steps": step,
-        "img_per_s": trained * plan.global_batch / seconds if trained else 0.0,
-        "wall_time_s": seconds,
-        "peak_memory_mb": peak_memory_mb(env.device),
-        "time_share": timer.shares(seconds),
-    }
+    metrics = run.metrics(time.perf_counter() - start_time, start_step)
     if env.is_main:
         save_model(model, out_dir / "model.safetensors")
     reporter.close(metrics)
     return metrics
+
+
+@dataclass
+class Run:
+    """The state of one training run between optimizer steps."""
+
+    task: Task
+    plan: Plan
+    schedule: Schedule
+    options: RunOptions
+    env: DistEnv
+    out_dir: Path
+    settings: str
+    optimizer: torch.optim.Optimizer
+    lr_schedule: Any
+    reporter: Reporter
+    timer: PhaseTimer
+    module: nn.Module  # the model, DDP-wrapped under torchrun
+    step: int = 0
+    last_loss: float = float("nan")
+
+    def __post_init__(self) -> None:
+        self.forward_module = torch.compile(self.module) if self.options.compile else self.module
+        if hasattr(self.task, "timer"):
+            self.task.timer = self.timer
+
+    def train_epoch(self, loader: DataLoader, epoch: int) -> None:
+        in_epoch = self.step - epoch * self.plan.steps_per_epoch
+        set_epoch(loader, epoch, start=in_epoch * self.plan.per_device_batch * self.plan.accumulation)
+        self.reporter.start_epoch(epoch, self.schedule.epochs, self.plan.steps_per_epoch, in_epoch)
+        groups = micro_batches(loader, self.plan.accumulation)
+        while True:
+            tick = time.perf_counter()
+            with self.timer("data"):
+                group = next(groups, None)
+            if group is None:
+                break
+            grad_norm = self.train_step(group)
+            self.reporter.log_step(self.step, self.last_loss, self.optimizer.param_groups[0]["lr"], grad_norm,
+                                   self.plan.global_batch / (time.perf_counter() - tick), self.options.log_every)
+            if self.step % self.options.checkpoint_every == 0 or self.step == self.plan.total_steps:
+                self.checkpoint()
+        self.reporter.end_epoch(epoch, self.last_loss)
+
+    def train_step(self, group: list) -> float:
+        """One optimizer step over the micro-batches in `group`; returns the gradient norm."""
+        self.lr_schedule.step_update(self.step)
+        try:
+            with self.timer("forward_backward"):
+                loss = accumulate(self.task, self.module, self.forward_module, group, self.step, self.env,
+                                  self.options)
+        except Exception as error:  # torch.compile fails at the first call on unsupported platforms
+            if self.forward_module is self.module or isinstance(error, TrainingDiverged):
+                raise
+            self.reporter.warn(f"torch.compile failed ({str(error).splitlines()[0][:120]}); running eagerly")
+            self.forward_module = self.module
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = accumulate(self.task, self.module, self.module, group, self.step, self.env, self.options)
+        with self.timer("optimizer"):
+            grad_norm = clip_and_step(self.task.model, self.optimizer, self.schedule.clip_grad)
+        self.step += 1
+        self.last_loss = loss
+        return float(grad_norm)
+
+    def checkpoint(self) -> None:
+        if self.env.is_main:
+            state = {"variant": self.task.name, "settings": self.settings, "loss": self.last_loss,
+                     "epoch": self.step // self.plan.steps_per_epoch}
+            save_checkpoint(self.out_dir / "checkpoints", self.step, self.task.model, self.optimizer, state,
+                            self.options.keep_checkpoints)
+
+    def metrics(self, seconds: float, start_step: int) -> dict:
+        trained = self.step - start_step
+        return {
+            "final_loss": float(all_reduce_mean(torch.tensor(self.last_loss))),
+            "steps": self.step,
+            "img_per_s": trained * self.plan.global_batch / seconds if trained else 0.0,
+            "wall_time_s": seconds,
+            "peak_memory_mb": peak_memory_mb(self.env.device),
+            "time_share": self.timer.shares(seconds),
+        }
 
 
 def accumulate(task: Task, module: nn.Module, forward_module: nn.Module, group: list, step: int, env: DistEnv,
