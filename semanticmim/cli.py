@@ -261,8 +261,11 @@ def data_prepare_command(
     split: Annotated[
         list[str] | None, typer.Option("--split", help="manifest: split(s) to include; default: all found.")
     ] = None,
+    shards: Annotated[bool, typer.Option(help="imagenet/imagefolder: write pre-resized WebDataset shards of the "
+                                         "first --split (default train) into --out instead of a manifest.")] = False,
+    max_side: Annotated[int, typer.Option(help="--shards: longer side of the stored JPEGs.")] = 320,
 ) -> None:
-    """Write the embedded dataset, or a manifest (counts + content fingerprint) of an external one."""
+    """Write the embedded dataset, a manifest (counts + content fingerprint) of an external one, or shards."""
     if params is not None:
         if kind is not None or out is not None:
             raise InputError("--params reads kind, root and out from the file's `data` section; give no others")
@@ -284,6 +287,16 @@ def data_prepare_command(
 
     if root is None:
         raise InputError(f"prepare {kind} needs the dataset ROOT: semanticmim data prepare {kind} ROOT --out M.json")
+    if shards:
+        from semanticmim.data.layouts import read_split
+        from semanticmim.data.shards import write_shards
+
+        if kind not in ("imagenet", "imagefolder"):
+            raise InputError(f"--shards is for classification folders (imagenet, imagefolder), not {kind!r}")
+        samples = [(Path(path), label) for path, label in read_split(kind, root, (split or ["train"])[0]).samples]
+        index = write_shards(samples, out, max_side=max_side, workers=workers or 1)
+        typer.echo(f"wrote {out}: {len(index['shards'])} shards, longer side <= {max_side} px")
+        return
     manifest = write_manifest(root, kind, out, split or None, workers or 8)
     typer.echo(f"wrote {out}: {manifest['files']} files, splits {manifest['splits']}, {manifest['fingerprint'][:19]}")
 

@@ -33,8 +33,10 @@ class ModelParams(Strict):
 
 
 class DataParams(Strict):
-    """Where a stage reads images: an ImageFolder-style root (the embedded dataset is one)."""
+    """Where a stage reads images: an ImageFolder-style root (the embedded dataset is one), or a folder of
+    WebDataset shards written by `semanticmim data prepare imagenet ROOT --shards --out DIR`."""
 
+    format: Literal["imagefolder", "shards"] = "imagefolder"
     root: Path = Path("data/embedded/classification")
     train_split: str = "train"
     val_split: str = "val"

@@ -16,10 +16,11 @@ from torch.utils.data import default_collate
 from semanticmim.config import PretrainParams, Recipe, load_section, resolve_path
 from semanticmim.data.layouts import ClassificationDataset, read_imagefolder
 from semanticmim.data.loader import sample_seed, seeded_rngs
+from semanticmim.data.shards import ShardDataset
 from semanticmim.data.transforms import BeitTwoView, CropFlipNormalize, MocoTwoView
 from semanticmim.engine import distributed
 from semanticmim.engine.loop import RunOptions, Schedule, plan_batches, train
-from semanticmim.engine.tasks import MaskedSamples, MIMTask, MoCoTask, to_device
+from semanticmim.engine.tasks import MIMTask, MoCoTask, WithMasks, to_device
 from semanticmim.errors import InputError
 from semanticmim.models import VARIANTS, EncoderConfig, MaskGenerator, build_variant
 from semanticmim.models.export import export_timm
@@ -37,6 +38,15 @@ def pretrain_transform(variant: str, recipe: Recipe, img_size: int):
     if variant.startswith("maskfeat"):
         return CropFlipNormalize(img_size, recipe.crop_scale, recipe.hflip)
     return MocoTwoView(img_size, recipe.crop_scale)
+
+
+def pretrain_dataset(params: PretrainParams, params_file: Path, transform, out_dir: Path):
+    """An ImageFolder split, or WebDataset shards written by `data prepare ... --shards`."""
+    root = resolve_path(params.data.root, params_file)
+    if params.data.format == "shards":
+        return ShardDataset(root, transform, seed=params.run.seed)
+    split = read_imagefolder(root, params.data.train_split)
+    return ClassificationDataset(split, transform, skip_report=out_dir / "skipped.jsonl", lazy_decode=True)
 
 
 def build_task(variant: str, params: PretrainParams, recipe: Recipe, params_file: Path, total_steps: int):
@@ -69,11 +79,14 @@ def dvae_beside(tokenizer_path: Path) -> torch.nn.Module | None:
 @torch.no_grad()
 def save_reconstructions(task: MIMTask, dataset, seed: int, path: Path, count: int = 6) -> None:
     """Predictions for the masked patches of the first training images (fixed augmentation seed)."""
-    samples = []
-    for index in range(min(count, len(dataset))):
-        with seeded_rngs(sample_seed(seed, 0, index)):
-            samples.append(dataset[index])
-    views, visible, masked = to_device(default_collate(samples), task.device)
+    if isinstance(dataset, ShardDataset):
+        samples = [sample for sample, _ in zip(dataset, range(count), strict=False)]
+    else:
+        samples = []
+        for index in range(min(count, len(dataset))):
+            with seeded_rngs(sample_seed(seed, 0, index)):
+                samples.append(dataset[index])
+    (views, visible, masked), _labels = to_device(default_collate(samples), task.device)
     task.model.eval()
     images, target = task.targets(views)
     prediction = task.model.head(task.model.forward_pretrain(images, visible, masked))
@@ -102,12 +115,11 @@ def run(variant: str, params_file: Path, out_dir: Path, quiet: bool = False, dev
     recipe = params.recipe(variant)
     env = distributed.setup(device)
     try:
-        split = read_imagefolder(resolve_path(params.data.root, params_file), params.data.train_split)
         transform = pretrain_transform(variant, recipe, params.model.img_size)
-        dataset = ClassificationDataset(split, transform, skip_report=out_dir / "skipped.jsonl", lazy_decode=True)
         if recipe.mask_ratio is not None:
             num_patches = (params.model.img_size // params.model.patch_size) ** 2
-            dataset = MaskedSamples(dataset, MaskGenerator(num_patches, recipe.mask_ratio, recipe.img_mask_ratio))
+            transform = WithMasks(transform, MaskGenerator(num_patches, recipe.mask_ratio, recipe.img_mask_ratio))
+        dataset = pretrain_dataset(params, params_file, transform, out_dir)
         schedule = Schedule(
             epochs=recipe.epochs, batch_size=recipe.batch_size, effective_batch=recipe.effective_batch,
             lr=0.0, min_lr=recipe.min_lr, warmup_epochs=recipe.warmup_epochs, weight_decay=recipe.weight_decay,

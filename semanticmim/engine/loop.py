@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from semanticmim.data.loader import build_loader, sample_seed, set_epoch
 from semanticmim.engine.checkpoint import StaleCheckpoint, list_checkpoints, load_checkpoint, save_checkpoint
@@ -109,6 +109,11 @@ def plan_batches(schedule: Schedule, num_samples: int, world_size: int) -> Plan:
     return Plan(schedule.batch_size, world_size, accumulation, global_batch, steps_per_epoch, total, warmup, notes)
 
 
+def dataset_size(dataset: Dataset, env: DistEnv) -> int:
+    """All samples of an epoch; a streaming dataset (shards) reports its per-rank share as its length."""
+    return len(dataset) * env.world_size if isinstance(dataset, IterableDataset) else len(dataset)
+
+
 def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
     enabled = amp == "bf16" or (amp == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
@@ -155,7 +160,7 @@ def train(task: Task, dataset: Dataset, schedule: Schedule, options: RunOptions,
     Returns the final metrics (also in `metrics.json`); raises TrainingDiverged on a NaN loss and
     re-raises KeyboardInterrupt after saving a checkpoint.
     """
-    plan = plan_batches(schedule, len(dataset), env.world_size)
+    plan = plan_batches(schedule, dataset_size(dataset, env), env.world_size)
     model = task.model.to(env.device)
     optimizer = (make_optimizer or (lambda m: build_adamw(m, schedule.lr, schedule.weight_decay, schedule.betas,
                                                           schedule.eps, env.device)))(model)
@@ -210,9 +215,14 @@ class Run:
 
     def train_epoch(self, loader: DataLoader, epoch: int) -> None:
         in_epoch = self.step - epoch * self.plan.steps_per_epoch
-        set_epoch(loader, epoch, start=in_epoch * self.plan.per_device_batch * self.plan.accumulation)
+        streaming = isinstance(loader.dataset, IterableDataset)
+        skip = 0 if streaming else in_epoch * self.plan.per_device_batch * self.plan.accumulation
+        set_epoch(loader, epoch, start=skip)
         self.reporter.start_epoch(epoch, self.schedule.epochs, self.plan.steps_per_epoch, in_epoch)
         groups = micro_batches(loader, self.plan.accumulation)
+        if streaming:  # a stream cannot seek: replay the epoch's first steps (same order) without training
+            for _ in range(in_epoch):
+                next(groups, None)
         while True:
             tick = time.perf_counter()
             with self.timer("data"):

@@ -1,6 +1,6 @@
 """What each method computes from a batch: the loop calls `task.loss(module, batch, step)`.
 
-MIM (BEiT, MaskFeat, both SemanticMIM variants): masks come with each sample (`MaskedSamples`, drawn in
+MIM (BEiT, MaskFeat, both SemanticMIM variants): masks come with each sample (`WithMasks`, drawn in
 the data workers from the sample's own seed, so they do not depend on batch layout, accumulation or
 world size); compute the target on the training device in fp32 without gradients (HOG of the
 normalised view; dVAE tokens of the 112-px view), predict the masked patches. MoCo v3: two views
@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from semanticmim.engine.timing import no_timer
 from semanticmim.errors import InputError
@@ -35,21 +34,18 @@ def no_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
-class MaskedSamples(Dataset):
-    """Adds the sample's masks: `(views, label)` -> `(views, visible (N,) bool, masked (N,) bool)`.
+class WithMasks:
+    """Wraps a pretraining transform: image -> `(views, visible (N,) bool, masked (N,) bool)`.
 
-    Drawn with the global torch RNG, which the loader seeds from (seed, epoch, index) per sample."""
+    Runs inside the dataset, where the loader has seeded every RNG from (seed, epoch, index), so a
+    sample's masks are a function of the sample alone, for folders and shards alike."""
 
-    def __init__(self, dataset: Dataset, masks: MaskGenerator) -> None:
-        self.dataset, self.masks = dataset, masks
+    def __init__(self, transform: Callable, masks: MaskGenerator) -> None:
+        self.transform, self.masks = transform, masks
 
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int):
-        views, _label = self.dataset[index]
+    def __call__(self, image):
         visible, masked = self.masks(1)
-        return views, visible[0], masked[0]
+        return self.transform(image), visible[0], masked[0]
 
 
 @dataclass
@@ -85,8 +81,8 @@ class MIMTask:
         return self.model.mask_token.device
 
     def loss(self, module: nn.Module, batch, step: int) -> torch.Tensor:
-        """batch: (views, visible (B, N) bool, masked (B, N) bool)."""
-        views, visible, masked = to_device(batch, self.device)
+        """batch: ((views, visible (B, N) bool, masked (B, N) bool), labels)."""
+        (views, visible, masked), _labels = to_device(batch, self.device)
         images, target = self.targets(views)
         if target.shape[1] != visible.shape[1]:
             raise InputError(f"target has {target.shape[1]} positions but the model has {visible.shape[1]} "
