@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from semanticmim.data.layouts import IGNORE_INDEX
 from semanticmim.errors import InputError
 
 __all__ = [
@@ -77,7 +78,6 @@ GENERATOR_VERSION = 1
 OBJECT_CLASSES = ("ball", "balloon", "boat", "box", "car", "crescent", "cross", "ring", "star", "triangle")
 STUFF_CLASSES = ("foliage", "lawn", "road", "sky", "wall", "water")
 SEGMENTATION_CLASSES = OBJECT_CLASSES + STUFF_CLASSES
-IGNORE_INDEX = 255
 CLASSIFICATION_DIR = "classification"
 SEGMENTATION_DIR = "segmentation"
 

@@ -23,6 +23,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from semanticmim.data.decode import EncodedImage
+from semanticmim.data.layouts import IGNORE_INDEX
 from semanticmim.errors import InputError
 
 __all__ = [
@@ -50,7 +51,6 @@ __all__ = [
 
 IMAGENET_MEAN = timm.data.IMAGENET_DEFAULT_MEAN
 IMAGENET_STD = timm.data.IMAGENET_DEFAULT_STD
-IGNORE_INDEX = 255
 ASPECT_RATIO = (3 / 4, 4 / 3)
 
 ImageSource = Image.Image | EncodedImage
