@@ -98,25 +98,20 @@ class DalleTokenizerConfig:
 
 
 class EncoderBlock(nn.Module):
-    """OpenAI's residual block: id_path + post_gain * (relu-conv3-relu-conv3-relu-conv3-relu-conv1)."""
+    """OpenAI's residual block: id_path + post_gain * (relu-conv-relu-conv-relu-conv-relu-conv), with
+    kernel sizes 3, 3, 3, 1 in the encoder (1, 3, 3, 3 in the decoder) and n_out // 4 hidden channels."""
 
-    def __init__(self, n_in: int, n_out: int, n_layers: int) -> None:
+    def __init__(self, n_in: int, n_out: int, n_layers: int, kernel_sizes: tuple[int, ...] = (3, 3, 3, 1)) -> None:
         super().__init__()
         n_hid = n_out // 4
         self.post_gain = 1 / n_layers**2
         self.id_path = make_conv(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential(
-            OrderedDict(
-                relu_1=nn.ReLU(),
-                conv_1=make_conv(n_in, n_hid, 3),
-                relu_2=nn.ReLU(),
-                conv_2=make_conv(n_hid, n_hid, 3),
-                relu_3=nn.ReLU(),
-                conv_3=make_conv(n_hid, n_hid, 3),
-                relu_4=nn.ReLU(),
-                conv_4=make_conv(n_hid, n_out, 1),
-            )
-        )
+        widths = [n_in, n_hid, n_hid, n_hid, n_out]
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        for i, kernel in enumerate(kernel_sizes, start=1):
+            layers[f"relu_{i}"] = nn.ReLU()
+            layers[f"conv_{i}"] = make_conv(widths[i - 1], widths[i], kernel)
+        self.res_path = nn.Sequential(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, n_in, h, w) -> (B, n_out, h, w)."""

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semanticmim.errors import InputError
-from semanticmim.targets.dalle import DalleTokenizer, DalleTokenizerConfig, make_conv
+from semanticmim.targets.dalle import DalleTokenizer, DalleTokenizerConfig, EncoderBlock, make_conv
 
 __all__ = ["DVAEConfig", "DalleDecoder", "DecoderBlock", "DiscreteVAE", "codebook_perplexity", "temperature_schedule"]
 
@@ -73,30 +73,11 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- decoder
 
 
-class DecoderBlock(nn.Module):
-    """OpenAI's decoder block: id_path + post_gain * (relu-conv1-relu-conv3-relu-conv3-relu-conv3)."""
+class DecoderBlock(EncoderBlock):
+    """OpenAI's decoder block: the encoder's residual block with kernel sizes 1, 3, 3, 3."""
 
     def __init__(self, n_in: int, n_out: int, n_layers: int) -> None:
-        super().__init__()
-        n_hid = n_out // 4
-        self.post_gain = 1 / n_layers**2
-        self.id_path = make_conv(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential(
-            OrderedDict(
-                relu_1=nn.ReLU(),
-                conv_1=make_conv(n_in, n_hid, 1),
-                relu_2=nn.ReLU(),
-                conv_2=make_conv(n_hid, n_hid, 3),
-                relu_3=nn.ReLU(),
-                conv_3=make_conv(n_hid, n_hid, 3),
-                relu_4=nn.ReLU(),
-                conv_4=make_conv(n_hid, n_out, 3),
-            )
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, n_in, h, w) -> (B, n_out, h, w)."""
-        return self.id_path(x) + self.post_gain * self.res_path(x)
+        super().__init__(n_in, n_out, n_layers, kernel_sizes=(1, 3, 3, 3))
 
 
 class DalleDecoder(nn.Module):
