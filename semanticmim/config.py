@@ -17,7 +17,6 @@ from semanticmim.models.factory import VARIANTS
 from semanticmim.schema import Strict, describe
 
 VariantName = Literal["beit", "beit-semanticmim", "maskfeat", "maskfeat-semanticmim", "mocov3"]
-Ratio = Field(gt=0.0, lt=1.0)
 
 
 class ModelParams(Strict):
