@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -109,6 +110,14 @@ def plan_batches(schedule: Schedule, num_samples: int, world_size: int) -> Plan:
     return Plan(schedule.batch_size, world_size, accumulation, global_batch, steps_per_epoch, total, warmup, notes)
 
 
+def share_cpu_with_workers(env: DistEnv, num_workers: int) -> None:
+    """On CPU, leave the DataLoader workers their cores: more compute threads than free cores make
+    OpenMP threads spin against each other, which on a 2-core laptop slows training tenfold or more.
+    (torchrun already starts each of several processes with one thread.)"""
+    if env.device.type == "cpu" and num_workers > 0 and env.world_size == 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
+
+
 def dataset_size(dataset: Dataset, env: DistEnv) -> int:
     """All samples of an epoch; a streaming dataset (shards) reports its per-rank share as its length."""
     return len(dataset) * env.world_size if isinstance(dataset, IterableDataset) else len(dataset)
@@ -161,6 +170,7 @@ def train(task: Task, dataset: Dataset, schedule: Schedule, options: RunOptions,
     re-raises KeyboardInterrupt after saving a checkpoint.
     """
     plan = plan_batches(schedule, dataset_size(dataset, env), env.world_size)
+    share_cpu_with_workers(env, options.num_workers)
     model = task.model.to(env.device)
     optimizer = (make_optimizer or (lambda m: build_adamw(m, schedule.lr, schedule.weight_decay, schedule.betas,
                                                           schedule.eps, env.device)))(model)
