@@ -171,6 +171,8 @@ def train(task: Task, dataset: Dataset, schedule: Schedule, options: RunOptions,
     """
     plan = plan_batches(schedule, dataset_size(dataset, env), env.world_size)
     share_cpu_with_workers(env, options.num_workers)
+    if run_info is not None and "device" in run_info:
+        run_info["device"]["torch_threads"] = torch.get_num_threads()
     model = task.model.to(env.device)
     optimizer = (make_optimizer or (lambda m: build_adamw(m, schedule.lr, schedule.weight_decay, schedule.betas,
                                                           schedule.eps, env.device)))(model)
