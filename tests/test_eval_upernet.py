@@ -1,0 +1,244 @@
+"""ADE20K UperNet fine-tuning (`semanticmim eval finetune-seg`): the decoder against its spec, sliding-window
+inference, the optimizer recipe, an end-to-end run with resume, and bad input as one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from semanticmim.cli import app
+from semanticmim.data.embedded import generate_embedded
+from semanticmim.eval.encoder import load_encoder
+from semanticmim.eval.segmentation import upernet
+from semanticmim.eval.segmentation.inference import slide_inference, whole_inference, window_starts
+from semanticmim.models import EncoderConfig, build_variant, save_model
+from semanticmim.models.export import export_timm
+
+runner = CliRunner()
+FAST = {
+    "steps": 4,
+    "eval_interval": 2,
+    "batch_size": 8,
+    "crop_size": 32,
+    "warmup_steps": 1,
+    "lr": 1e-3,
+    "decoder_channels": 16,
+    "aux_channels": 8,
+    "num_workers": 0,
+    "run": {"checkpoint_every": 1, "log_every": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory) -> Path:
+    """A random-init BEiT+SemanticMIM encoder (32 px, patch 8, 32-d, 4 blocks, K=2) in timm format."""
+    folder = tmp_path_factory.mktemp("encoder")
+    torch.manual_seed(0)
+    model = build_variant(
+        "beit-semanticmim",
+        EncoderConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2),
+        num_proxy=2,
+        target_dim=16,
+    )
+    save_model(model, folder / "model.safetensors")
+    export_timm(folder / "model.safetensors", folder / "encoder")
+    return folder / "encoder"
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("embedded") / "data"
+    generate_embedded(root, image_size=32, train=16, val=4, workers=1)
+    return root / "segmentation"
+
+
+def segmenter(encoder_dir: Path, num_classes: int = 5, **overrides) -> upernet.UperNetSegmenter:
+    settings = upernet.Settings.model_validate({**FAST, **overrides})
+    vit = load_encoder(encoder_dir, img_size=settings.crop_size).model
+    return upernet.build_segmenter(vit, (1, 2, 3, 4), num_classes, settings).eval()
+
+
+# -------------------------------------------------------------------------------------------- spec
+
+
+def test_pyramid_has_strides_p4_p2_p_2p(encoder_dir):
+    model = segmenter(encoder_dir)
+    levels = model.backbone(torch.randn(2, 3, 64, 96))  # patch 8: an 8 x 12 grid
+    assert [tuple(x.shape) for x in levels] == [(2, 32, 32, 48), (2, 32, 16, 24), (2, 32, 8, 12), (2, 32, 4, 6)]
+    fpn1 = [type(m) for m in model.backbone.fpn1]
+    assert fpn1 == [nn.ConvTranspose2d, nn.BatchNorm2d, nn.GELU, nn.ConvTranspose2d]
+    assert isinstance(model.backbone.fpn3, nn.Identity) and isinstance(model.backbone.fpn4, nn.MaxPool2d)
+    logits, aux = model(torch.randn(2, 3, 64, 96))
+    assert logits.shape == (2, 5, 32, 48) and aux.shape == (2, 5, 8, 12)  # strides p/4 and p
+
+
+def test_uperhead_matches_the_mmseg_structure(encoder_dir):
+    head = segmenter(encoder_dir, decoder_channels=24, aux_channels=8).decode_head
+    assert [stage[0].output_size for stage in head.psp.stages] == [1, 2, 3, 6]  # PPM bins
+    assert all(stage[1][0].in_channels == 32 and stage[1][0].out_channels == 24 for stage in head.psp.stages)
+    assert head.bottleneck[0].in_channels == 32 + 4 * 24 and head.bottleneck[0].kernel_size == (3, 3)
+    assert [(c[0].in_channels, c[0].out_channels, c[0].kernel_size) for c in head.lateral_convs] == [
+        (32, 24, (1, 1))
+    ] * 3
+    assert [(c[0].in_channels, c[0].kernel_size) for c in head.fpn_convs] == [(24, (3, 3))] * 3
+    assert head.fpn_bottleneck[0].in_channels == 4 * 24 and head.fpn_bottleneck[0].out_channels == 24
+    assert all(isinstance(c[1], nn.BatchNorm2d) and c[0].bias is None for c in [*head.lateral_convs, *head.fpn_convs])
+    assert (head.classifier.in_channels, head.classifier.out_channels) == (24, 5) and head.dropout.p == 0.1
+    aux = segmenter(encoder_dir, aux_channels=8).auxiliary_head
+    assert (aux.convs[0][0].in_channels, aux.convs[0][0].out_channels, aux.classifier.in_channels) == (32, 8, 8)
+    defaults = upernet.Settings()
+    assert (defaults.decoder_channels, defaults.pool_scales, defaults.aux_channels, defaults.aux_weight) == (
+        768,
+        (1, 2, 3, 6),
+        256,
+        0.4,
+    )
+    assert (
+        defaults.lr,
+        defaults.layer_decay,
+        defaults.warmup_steps,
+        defaults.steps,
+        defaults.batch_size,
+        defaults.crop_size,
+    ) == (3e-5, 0.9, 1500, 160_000, 16, 640)
+
+
+def test_layer_decay_and_no_weight_decay_groups(encoder_dir):
+    model = segmenter(encoder_dir)
+    groups = upernet.layer_decay_groups(model, weight_decay=0.05, layer_decay=0.9, depth=4)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert by_param[id(named["backbone.vit.pos_embed"])]["lr_scale"] == pytest.approx(0.9**5)
+    assert by_param[id(named["backbone.vit.pos_embed"])]["weight_decay"] == 0.0
+    assert by_param[id(named["backbone.vit.blocks.0.attn.qkv.weight"])]["lr_scale"] == pytest.approx(0.9**4)
+    assert by_param[id(named["backbone.vit.blocks.3.mlp.fc1.weight"])]["lr_scale"] == pytest.approx(0.9)
+    assert by_param[id(named["backbone.vit.blocks.3.mlp.fc1.bias"])]["weight_decay"] == 0.0
+    assert by_param[id(named["decode_head.classifier.weight"])]["lr_scale"] == 1.0
+    assert by_param[id(named["decode_head.classifier.weight"])]["weight_decay"] == 0.05
+    assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_warmup_then_linear_decay():
+    optimizer = torch.optim.AdamW([{"params": [nn.Parameter(torch.zeros(1))], "lr_scale": 0.5}], lr=1.0)
+    schedule = upernet.WarmupPolySchedule(optimizer, base_lr=1.0, total_steps=100, warmup_steps=10)
+    assert schedule.lr_at(0) == pytest.approx(1e-6)
+    assert schedule.lr_at(5) == pytest.approx(0.95 * 0.5, rel=1e-4)
+    assert schedule.lr_at(10) == pytest.approx(0.9) and schedule.lr_at(100) == 0.0
+    schedule.step_update(50)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.25)
+
+
+# --------------------------------------------------------------------------------------- inference
+
+
+def test_window_grid_is_mmseg_slide():
+    assert window_starts(640, 640, 426) == [0]
+    assert window_starts(854, 640, 426) == [0, 214]
+    assert window_starts(1300, 640, 426) == [0, 426, 660]
+    assert window_starts(300, 640, 426) == [0]
+
+
+def test_slide_equals_whole_inference_when_the_window_covers_the_image(encoder_dir):
+    model = segmenter(encoder_dir)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            slide_inference(model.predict, images, crop=32, stride=21), whole_inference(model.predict, images)
+        )
+
+
+def test_overlapping_windows_are_averaged_back_to_the_whole_image():
+    """A per-pixel model gives the same logits whichever window a pixel is seen in: sliding must then
+    reproduce whole-image inference exactly, overlaps and borders included."""
+    pixelwise = nn.Conv2d(3, 4, 1)
+    images = torch.randn(1, 3, 50, 70)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            slide_inference(pixelwise, images, crop=32, stride=20, windows_per_batch=3),
+            whole_inference(pixelwise, images),
+        )
+        small = slide_inference(pixelwise, images[..., :20, :24], crop=32, stride=20)  # padded window
+        torch.testing.assert_close(small, whole_inference(pixelwise, images[..., :20, :24]))
+
+
+def test_chunks_cover_the_training_images_evenly():
+    data = list(range(10))
+    chunks = [upernet.StepChunk(data, k * 8, 8) for k in range(5)]
+    seen = [chunk[i] for chunk in chunks for i in range(len(chunk))]
+    assert sorted(seen) == sorted(data * 4)
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+def test_finetune_end_to_end_through_the_cli_and_resume(encoder_dir, embedded, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("eval:\n  finetune_seg: " + json.dumps(FAST) + "\n")
+    args = [
+        "eval",
+        "finetune-seg",
+        "--encoder",
+        str(encoder_dir),
+        "--data",
+        str(embedded),
+        "--format",
+        "voc",
+        "--params",
+        str(params),
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [entry["at"] for entry in metrics["evaluations"]] == [{"step": 2}, {"step": 4}]
+    assert metrics["miou"] == metrics["evaluations"][-1]["miou"] and "best_miou_on_eval_set" in metrics
+    assert metrics["used"]["blocks"] == [1, 2, 3, 4] and metrics["used"]["slide_stride"] == 21
+    assert metrics["encoder"]["sha256"] and len(metrics["per_class_iou"]) == 16
+    assert (tmp_path / "out" / "dvclive" / "plots" / "metrics" / "eval" / "miou.tsv").is_file()
+    weights = (tmp_path / "out" / "model.safetensors").read_bytes()
+    again = runner.invoke(app, args)  # complete: nothing is trained or evaluated again
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["evaluations"] == metrics["evaluations"]
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"blocks": [1, 2, 3, 9]}, "blocks=9 is outside the encoder's blocks 1..4"),
+        ({"num_classes": 150}, "num_classes=150 but"),
+        ({"crop_size": 36}, "multiple of the patch size 8"),
+        ({"eval_interval": 3}, "eval_interval=3 must divide steps=4"),
+    ],
+)
+def test_bad_settings_are_one_line_cli_errors(encoder_dir, embedded, tmp_path, overrides, message):
+    params = tmp_path / "params.yaml"
+    params.write_text("eval:\n  finetune_seg: " + json.dumps({**FAST, **overrides}) + "\n")
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "finetune-seg",
+            "--encoder",
+            str(encoder_dir),
+            "--data",
+            str(embedded),
+            "--format",
+            "voc",
+            "--params",
+            str(params),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert result.exit_code == 2 and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
