@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from semanticmim.engine.optim import build_adamw
 from semanticmim.errors import InputError
 from semanticmim.models import VARIANTS, EncoderConfig, MaskGenerator, build_variant
 from semanticmim.models.factory import hog_dim
@@ -62,8 +63,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def make_optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=device.type == "cuda")
+    """The engine's optimizer (fused AdamW with its no-decay groups) for every workload alike."""
+    return build_adamw(model, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8, device=device)
 
 
 def mim_workload(variant: str, encoder: EncoderConfig, batch: int, device: torch.device) -> Workload:

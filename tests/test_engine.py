@@ -210,7 +210,9 @@ def test_accumulation_of_4x8_matches_one_batch_of_32():
     for chunks in (1, 4):
         task = tiny_mim_task()
         optimizer = torch.optim.AdamW(task.model.parameters(), lr=1e-2)
-        group = list(zip(images.chunk(chunks), visible.chunk(chunks), masked.chunk(chunks), strict=True))
+        labels = torch.zeros(32, dtype=torch.long).chunk(chunks)
+        group = [((i, v, m), y) for i, v, m, y in zip(images.chunk(chunks), visible.chunk(chunks),
+                                                         masked.chunk(chunks), labels, strict=True)]
         loss = accumulate(task, task.model, task.model, group, 0, env, options)
         clip_and_step(task.model, optimizer, clip_grad=None)
         results.append((loss, task.model.state_dict()))
@@ -241,7 +243,8 @@ class ScriptedTask:
 def random_masked_dataset(size: int = 64):
     images = torch.randn(size, 3, 16, 16)
     visible, masked = MaskGenerator(4, 0.5)(size, torch.Generator().manual_seed(0))
-    return torch.utils.data.StackDataset(images, visible, masked)
+    samples = torch.utils.data.StackDataset(images, visible, masked)
+    return torch.utils.data.StackDataset(samples, torch.zeros(size, dtype=torch.long))
 
 
 @pytest.mark.parametrize("failure", ["nan", "interrupt"])

@@ -271,7 +271,7 @@ def finetune_one(head: str, encoder_dir: Path, data_root: Path, data_format: str
 
     def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
         groups = layer_decay_groups(module, settings.weight_decay, settings.layer_decay)
-        return torch.optim.AdamW(groups, lr=lr, betas=settings.betas, fused=env.device.type == "cuda")
+        return torch.optim.AdamW(groups, lr=lr, betas=settings.betas, fused=env.device.type in ("cpu", "cuda"))
 
     metrics = train_with_evaluation(
         task, train_set, schedule, options, env, out_dir, history,

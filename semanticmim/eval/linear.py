@@ -264,7 +264,7 @@ def heads_optimizer(heads: LinearHeads, specs: list[HeadSpec], lr_scale: float, 
         lr = spec.lr * lr_scale
         groups += [{"params": [head.weight], "lr": lr, "weight_decay": settings.weight_decay},
                    {"params": [head.bias], "lr": lr, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, betas=settings.betas, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, betas=settings.betas, fused=device.type in ("cpu", "cuda"))
 
 
 def plan_heads(settings: Settings, encoder: Encoder) -> tuple[list[HeadSpec], list[tuple[int, str]], int]:

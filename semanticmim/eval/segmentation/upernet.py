@@ -289,7 +289,7 @@ def evaluate(
     def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
         groups = layer_decay_groups(module, settings.weight_decay, settings.layer_decay, depth)
         return torch.optim.AdamW(
-            groups, lr=settings.lr, betas=settings.betas, eps=settings.eps, fused=env.device.type == "cuda"
+            groups, lr=settings.lr, betas=settings.betas, eps=settings.eps, fused=env.device.type in ("cpu", "cuda")
         )
 
     def make_lr_schedule(optimizer: torch.optim.Optimizer, _plan: Plan) -> WarmupPolySchedule:
