@@ -362,10 +362,13 @@ def eval_command(
         "runs/eval"),
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    discard_stale_checkpoints: Annotated[bool, typer.Option(
+        help="Delete checkpoints written with other settings instead of refusing them (dvc.yaml uses it).")] = False,
 ) -> None:
     """Evaluate an encoder (ours or any timm ViT exported the same way) with one Table 1 protocol."""
     from stages import evaluate
 
-    metrics = run_training(lambda: evaluate.run(protocol, encoder, data, format, params, out, quiet, device))
+    metrics = run_training(lambda: evaluate.run(protocol, encoder, data, format, params, out, quiet, device,
+                                                discard_stale_checkpoints))
     headline = {k: metrics[k] for k in ("top1", "top5", "miou") if k in metrics}
     typer.echo(f"{protocol}: " + ", ".join(f"{k} {v:.2f}" for k, v in headline.items()))

@@ -89,6 +89,7 @@ class RunParams(Strict):
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False
     profile: bool = False  # on CUDA, synchronise around step phases to measure where time goes
+    discard_stale: bool = False  # delete checkpoints of other settings instead of refusing them (dvc.yaml)
 
 
 class HOGParams(Strict):

@@ -54,8 +54,8 @@ def run(params_file: Path, out_dir: Path, quiet: bool = False, device: str = "au
                             params.image_size, params.kl_weight, params.temperature_start)
         steps = params.epochs * (len(train_set) // (params.batch_size * env.world_size))
         task = DVAETask("dvae", model, steps, params.temperature_start, params.temperature_end)
-        options = RunOptions(**params.run.model_dump(), num_workers=params.data.num_workers, quiet=quiet,
-                             discard_stale=discard_stale)
+        options = RunOptions(**{**params.run.model_dump(), "discard_stale": discard_stale or params.run.discard_stale},
+                             num_workers=params.data.num_workers, quiet=quiet)
         settings = hashlib.sha256(json.dumps({**params.model_dump(mode="json"), "root": str(root)},
                                              sort_keys=True).encode()).hexdigest()[:16]
         info = run_info("dvae", params.model_dump(mode="json"), params_file, env)

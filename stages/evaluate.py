@@ -26,7 +26,7 @@ FORMATS = ("imagefolder", "imagenet", "voc", "ade20k", "pairs")
 
 
 def run(protocol: str, encoder_dir: Path, data_root: Path, data_format: str, params_file: Path, out_dir: Path,
-        quiet: bool = False, device: str = "auto") -> dict:
+        quiet: bool = False, device: str = "auto", discard_stale: bool = False) -> dict:
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}")
     if data_format not in FORMATS:
@@ -35,6 +35,8 @@ def run(protocol: str, encoder_dir: Path, data_root: Path, data_format: str, par
     key = protocol.replace("-", "_")
     values = read_section(params_file, "eval").get(key) or {}
     settings = validate(module.Settings, values, params_file, f"eval.{key}")
+    if discard_stale:
+        settings = settings.model_copy(update={"run": settings.run.model_copy(update={"discard_stale": True})})
     env = distributed.setup(device)
     try:
         metrics = module.evaluate(encoder_dir, data_root, data_format, settings, out_dir, env, quiet)

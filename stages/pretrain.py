@@ -129,8 +129,8 @@ def run(variant: str, params_file: Path, out_dir: Path, quiet: bool = False, dev
         schedule = Schedule(**{**vars(schedule), "lr": recipe.scaled_lr(plan.global_batch)})
         torch.manual_seed(params.run.seed)  # the same initial weights on every rank and every rerun
         task = build_task(variant, params, recipe, params_file, plan.total_steps).to(env.device)
-        options = RunOptions(**params.run.model_dump(), num_workers=params.data.num_workers, quiet=quiet,
-                             discard_stale=discard_stale)
+        options = RunOptions(**{**params.run.model_dump(), "discard_stale": discard_stale or params.run.discard_stale},
+                             num_workers=params.data.num_workers, quiet=quiet)
         info = run_info(f"pretrain@{variant}", {**params.model_dump(mode="json"), "resolved_recipe":
                         recipe.model_dump(mode="json"), "lr_scaled": schedule.lr}, params_file, env)
         fingerprint = settings_fingerprint(variant, params, recipe, params_file)

@@ -99,7 +99,7 @@ _EXECUTION_ONLY = {
     "num_workers": True,
     "eval_batch_size": True,
     "per_device_batch": True,
-    "run": {"checkpoint_every", "keep_checkpoints", "log_every", "compile", "profile"},
+    "run": {"checkpoint_every", "keep_checkpoints", "log_every", "compile", "profile", "discard_stale"},
 }
 
 
