@@ -42,8 +42,13 @@ def project(tmp_path_factory) -> Path:
 
 def test_dvc_repro_builds_every_stage_then_is_up_to_date(project):
     out = run([str(BIN / "dvc"), "repro"], project)
-    for stage in ("prepare", "dvae", "pretrain-beit@beit", "pretrain-maskfeat@maskfeat-semanticmim", "pretrain-mocov3"):
+    for stage in ("prepare", "dvae", "pretrain-beit@beit", "pretrain-maskfeat@maskfeat-semanticmim", "pretrain-mocov3",
+                  "eval-linear-cls@beit-semanticmim", "eval-linear-seg@mocov3"):
         assert f"Running stage '{stage}'" in out
+    probe = json.loads((project / "runs" / "eval" / "maskfeat" / "linear-cls" / "metrics.json").read_text())
+    assert 0 <= probe["top1_cls"] <= 100 and 0 <= probe["top1_patch"] <= 100 and probe["protocol"] == "linear-cls"
+    segmentation = json.loads((project / "runs" / "eval" / "beit" / "linear-seg" / "metrics.json").read_text())
+    assert 0 <= segmentation["miou"] <= 100
     for variant in ("beit", "beit-semanticmim", "maskfeat", "maskfeat-semanticmim", "mocov3"):
         metrics = json.loads((project / "runs" / "pretrain" / variant / "metrics.json").read_text())
         assert metrics["steps"] == 8 and metrics["final_loss"] > 0
@@ -59,4 +64,6 @@ def test_a_params_change_reruns_only_its_stages(project):
     params.write_text(params.read_text().replace("lr: 2.0e-3", "lr: 1.0e-3"))  # the dvae section's lr
     out = run([str(BIN / "dvc"), "repro"], project)
     assert "Running stage 'dvae'" in out and "Running stage 'pretrain-beit@beit'" in out
+    assert "Running stage 'eval-linear-cls@beit'" in out  # its encoder changed
     assert "Running stage 'pretrain-maskfeat@maskfeat'" not in out and "Running stage 'prepare'" not in out
+    assert "Running stage 'eval-linear-seg@maskfeat'" not in out
