@@ -33,6 +33,7 @@ from semanticmim.errors import InputError
 
 __all__ = [
     "Interval",
+    "protocol_metrics",
     "read_splits",
     "scaled_blocks",
     "segmentation_loss",
@@ -236,4 +237,21 @@ def summarize(evaluations: list[dict]) -> dict:
             {"at": entry["at"], "miou": entry["miou"], "pixel_accuracy": entry["pixel_accuracy"]}
             for entry in evaluations
         ],
+    }
+
+
+def protocol_metrics(evaluations: list, used: dict, encoder: Any, classes: Any, train: tuple, val: tuple,
+                     train_metrics: dict) -> dict:
+    """The metrics.json body shared by both protocols: headline/best from `evaluations`, the settings
+    used, the encoder's identity, the splits (`(split, dataset)` pairs) and the training summary."""
+    (train_split, train_data), (val_split, val_data) = train, val
+    return {
+        **summarize(evaluations),
+        "used": used,
+        "encoder": encoder.identity,
+        "classes": list(classes),
+        "splits": {"train": train_split.name, "val": val_split.name, "train_images": len(train_data),
+                   "val_images": len(val_data)},
+        "train": {key: train_metrics.get(key) for key in ("final_loss", "steps", "wall_time_s", "img_per_s")},
+        "skipped_images": len(train_data.skipped),
     }

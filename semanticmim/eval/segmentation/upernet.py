@@ -37,11 +37,11 @@ from semanticmim.eval.segmentation.inference import evaluate_dataset, slide_infe
 from semanticmim.eval.segmentation.protocol import (
     Interval,
     TrainingRun,
+    protocol_metrics,
     read_splits,
     scaled_blocks,
     segmentation_loss,
     settings_fingerprint,
-    summarize,
     train_in_intervals,
 )
 from semanticmim.schema import Strict
@@ -329,17 +329,5 @@ def evaluate(
         return evaluate_dataset(infer, val_data, classes, env, 1, settings.num_workers, settings.run.amp, quiet)
 
     train_metrics, evaluations = train_in_intervals(run, intervals, evaluate_now)
-    return {
-        **summarize(evaluations),
-        "used": used,
-        "encoder": encoder.identity,
-        "classes": list(classes),
-        "splits": {
-            "train": train_split.name,
-            "val": val_split.name,
-            "train_images": len(train_data),
-            "val_images": len(val_data),
-        },
-        "train": {key: train_metrics.get(key) for key in ("final_loss", "steps", "wall_time_s", "img_per_s")},
-        "skipped_images": len(train_data.skipped),
-    }
+    return protocol_metrics(evaluations, used, encoder, classes, (train_split, train_data), (val_split, val_data),
+                            train_metrics)
