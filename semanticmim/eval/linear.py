@@ -403,7 +403,8 @@ def train_cached(heads: LinearHeads, specs: list[HeadSpec], features: torch.Tens
     heads.to(env.device)
     optimizer = heads_optimizer(heads, specs, batch / settings.lr_batch, settings, env.device)
     lr_schedule = build_schedule(optimizer, plan.total_steps, plan.warmup_steps, settings.min_lr)
-    step, _ = resume(out_dir / "checkpoints", heads, optimizer, "linear-probe-cached", fingerprint, False, print)
+    step, _ = resume(out_dir / "checkpoints", heads, optimizer, "linear-probe-cached", fingerprint,
+                     options.discard_stale, print)
     start, tick, loss_sum = step, time.perf_counter(), torch.zeros((), device=env.device)
     curves = Curves(out_dir / "dvclive", env.is_main, resume=step > 0)
     with progress_bar("linear probe (cached)", env.is_main and not options.quiet) as bar:
