@@ -13,6 +13,7 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import save_file
+from support import export_tiny_encoder
 from typer.testing import CliRunner
 
 from semanticmim.cli import app
@@ -23,8 +24,6 @@ from semanticmim.engine.optim import build_schedule
 from semanticmim.errors import InputError
 from semanticmim.eval import finetune
 from semanticmim.eval.encoder import load_encoder
-from semanticmim.models import EncoderConfig, build_variant, save_model
-from semanticmim.models.export import export_timm
 
 runner = CliRunner()
 
@@ -32,12 +31,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory) -> Path:
     """A random-init 3-block, 32-d encoder with K=2 proxies, exported to timm."""
-    folder = tmp_path_factory.mktemp("encoder")
-    torch.manual_seed(0)
-    config = EncoderConfig(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)
-    save_model(build_variant("maskfeat-semanticmim", config, num_proxy=2, target_dim=16), folder / "model.safetensors")
-    export_timm(folder / "model.safetensors", folder / "encoder")
-    return folder / "encoder"
+    return export_tiny_encoder(tmp_path_factory.mktemp("encoder"), depth=3)
 
 
 @pytest.fixture(scope="module")

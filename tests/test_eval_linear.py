@@ -15,6 +15,7 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from support import export_tiny_encoder
 from typer.testing import CliRunner
 
 from semanticmim.cli import app
@@ -26,20 +27,9 @@ from semanticmim.eval import linear
 from semanticmim.eval import metrics as eval_metrics
 from semanticmim.eval.encoder import Encoder
 from semanticmim.eval.metrics import EpochHistory, evaluation_epochs
-from semanticmim.models import EncoderConfig, build_variant, save_model
-from semanticmim.models.export import export_timm
 
 COLOURS = ((230, 40, 40), (40, 200, 60), (40, 60, 230), (220, 220, 40))
 runner = CliRunner()
-
-
-def make_encoder(folder: Path, depth: int = 3, num_proxy: int = 2) -> Path:
-    torch.manual_seed(0)
-    config = EncoderConfig(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2)
-    model = build_variant("maskfeat-semanticmim", config, num_proxy=num_proxy, target_dim=16)
-    save_model(model, folder / "model.safetensors")
-    export_timm(folder / "model.safetensors", folder / "encoder")
-    return folder / "encoder"
 
 
 def write_folder(root: Path, per_class: dict[str, int], labelled_by_colour: bool, seed: int) -> Path:
@@ -60,7 +50,7 @@ def write_folder(root: Path, per_class: dict[str, int], labelled_by_colour: bool
 
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory) -> Path:
-    return make_encoder(tmp_path_factory.mktemp("encoder"))
+    return export_tiny_encoder(tmp_path_factory.mktemp("encoder"))
 
 
 @pytest.fixture(scope="module")

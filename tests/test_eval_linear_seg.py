@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from support import export_tiny_encoder
 from typer.testing import CliRunner
 
 from semanticmim.cli import app
@@ -22,8 +23,6 @@ from semanticmim.eval.encoder import load_encoder
 from semanticmim.eval.segmentation import linear
 from semanticmim.eval.segmentation.miou import ConfusionMatrix, iou_per_class, scores
 from semanticmim.eval.segmentation.protocol import scaled_blocks
-from semanticmim.models import EncoderConfig, build_variant, save_model
-from semanticmim.models.export import export_timm
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CPU = DistEnv()
@@ -39,23 +38,9 @@ FAST = {
 }
 
 
-def export_tiny_encoder(folder: Path, depth: int = 2, seed: int = 0) -> Path:
-    """A random-init MaskFeat+SemanticMIM encoder (32 px, patch 8, 32-d, K=2) in timm format."""
-    torch.manual_seed(seed)
-    model = build_variant(
-        "maskfeat-semanticmim",
-        EncoderConfig(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2),
-        num_proxy=2,
-        target_dim=16,
-    )
-    save_model(model, folder / "model.safetensors")
-    export_timm(folder / "model.safetensors", folder / "encoder")
-    return folder / "encoder"
-
-
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory) -> Path:
-    return export_tiny_encoder(tmp_path_factory.mktemp("encoder"))
+    return export_tiny_encoder(tmp_path_factory.mktemp("encoder"), depth=2)
 
 
 @pytest.fixture(scope="module")

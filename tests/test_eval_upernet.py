@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import export_tiny_encoder
 from torch import nn
 from typer.testing import CliRunner
 
@@ -16,8 +17,6 @@ from semanticmim.data.embedded import generate_embedded
 from semanticmim.eval.encoder import load_encoder
 from semanticmim.eval.segmentation import upernet
 from semanticmim.eval.segmentation.inference import slide_inference, whole_inference, window_starts
-from semanticmim.models import EncoderConfig, build_variant, save_model
-from semanticmim.models.export import export_timm
 
 runner = CliRunner()
 FAST = {
@@ -37,17 +36,7 @@ FAST = {
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory) -> Path:
     """A random-init BEiT+SemanticMIM encoder (32 px, patch 8, 32-d, 4 blocks, K=2) in timm format."""
-    folder = tmp_path_factory.mktemp("encoder")
-    torch.manual_seed(0)
-    model = build_variant(
-        "beit-semanticmim",
-        EncoderConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2),
-        num_proxy=2,
-        target_dim=16,
-    )
-    save_model(model, folder / "model.safetensors")
-    export_timm(folder / "model.safetensors", folder / "encoder")
-    return folder / "encoder"
+    return export_tiny_encoder(tmp_path_factory.mktemp("encoder"), "beit-semanticmim", depth=4)
 
 
 @pytest.fixture(scope="module")
@@ -176,26 +165,15 @@ def test_chunks_cover_the_training_images_evenly():
 # ------------------------------------------------------------------------------------ end to end
 
 
+def cli_args(encoder_dir: Path, data: Path, params: Path, out: Path) -> list[str]:
+    return ["eval", "finetune-seg", "--encoder", str(encoder_dir), "--data", str(data), "--format", "voc",
+            "--params", str(params), "--out", str(out)]
+
+
 def test_finetune_end_to_end_through_the_cli_and_resume(encoder_dir, embedded, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("eval:\n  finetune_seg: " + json.dumps(FAST) + "\n")
-    args = [
-        "eval",
-        "finetune-seg",
-        "--encoder",
-        str(encoder_dir),
-        "--data",
-        str(embedded),
-        "--format",
-        "voc",
-        "--params",
-        str(params),
-        "--out",
-        str(tmp_path / "out"),
-        "--device",
-        "cpu",
-        "--quiet",
-    ]
+    args = [*cli_args(encoder_dir, embedded, params, tmp_path / "out"), "--device", "cpu", "--quiet"]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -223,22 +201,6 @@ def test_finetune_end_to_end_through_the_cli_and_resume(encoder_dir, embedded, t
 def test_bad_settings_are_one_line_cli_errors(encoder_dir, embedded, tmp_path, overrides, message):
     params = tmp_path / "params.yaml"
     params.write_text("eval:\n  finetune_seg: " + json.dumps({**FAST, **overrides}) + "\n")
-    result = runner.invoke(
-        app,
-        [
-            "eval",
-            "finetune-seg",
-            "--encoder",
-            str(encoder_dir),
-            "--data",
-            str(embedded),
-            "--format",
-            "voc",
-            "--params",
-            str(params),
-            "--out",
-            str(tmp_path / "out"),
-        ],
-    )
+    result = runner.invoke(app, cli_args(encoder_dir, embedded, params, tmp_path / "out"))
     assert result.exit_code == 2 and message in result.output
     assert len(result.output.strip().splitlines()) == 1
