@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from semanticmim.config import DVAEParams, load_section, resolve_path
 from semanticmim.data.layouts import ClassificationDataset, read_imagefolder
-from semanticmim.data.transforms import TokenizerView
+from semanticmim.data.transforms import TokenizerView, unit_range
 from semanticmim.engine import distributed
 from semanticmim.engine.loop import RunOptions, Schedule, train
 from semanticmim.engine.progress import write_json_atomic
@@ -30,8 +30,8 @@ def held_out_metrics(model: DiscreteVAE, dataset, device: torch.device, limit: i
     """Reconstruction MSE of the argmax tokens, its ratio to the pixel variance (1 = no better than the
     mean image), and the codebook perplexity, on up to `limit` validation images."""
     model.eval()
-    images = torch.cat([to_device(batch, device)[0] for batch, _ in zip(DataLoader(dataset, 64), range(limit // 64 + 1),
-                                                                          strict=False)])[:limit]
+    batches = zip(DataLoader(dataset, 64), range(limit // 64 + 1), strict=False)
+    images = unit_range(torch.cat([to_device(batch, device)[0] for batch, _ in batches])[:limit])
     mse = torch.nn.functional.mse_loss(model.reconstruct(images), images).item()
     return {"val_recon_mse": mse, "val_recon_vs_variance": mse / images.var().item(),
             "val_perplexity": codebook_perplexity(model.encoder.logits(images)).item()}

@@ -17,7 +17,7 @@ from semanticmim.config import PretrainParams, Recipe, load_section, resolve_pat
 from semanticmim.data.layouts import ClassificationDataset, read_imagefolder
 from semanticmim.data.loader import sample_seed, seeded_rngs
 from semanticmim.data.shards import ShardDataset
-from semanticmim.data.transforms import BeitTwoView, CropFlipNormalize, MocoTwoView
+from semanticmim.data.transforms import BeitTwoView, CropFlip, MocoTwoView
 from semanticmim.engine import distributed
 from semanticmim.engine.loop import RunOptions, Schedule, plan_batches, train
 from semanticmim.engine.tasks import MIMTask, MoCoTask, WithMasks, to_device
@@ -36,7 +36,7 @@ def pretrain_transform(variant: str, recipe: Recipe, img_size: int):
     if variant.startswith("beit"):
         return BeitTwoView(img_size, recipe.crop_scale, recipe.color_jitter, recipe.hflip)
     if variant.startswith("maskfeat"):
-        return CropFlipNormalize(img_size, recipe.crop_scale, recipe.hflip)
+        return CropFlip(img_size, recipe.crop_scale, recipe.hflip)
     return MocoTwoView(img_size, recipe.crop_scale)
 
 

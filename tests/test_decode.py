@@ -1,5 +1,9 @@
+import io
+
 import numpy as np
 import pytest
+import simplejpeg
+import skimage.data
 import torch
 from PIL import Image, ImageFile
 
@@ -225,3 +229,23 @@ def test_decompression_bomb_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(UnreadableImage, match="safety limit"):
         EncodedImage.from_file(path)
+
+
+def test_decode_tensor_gives_pils_pixels_exactly_on_a_photograph():
+    buffer = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()).save(buffer, "JPEG", quality=90)
+    encoded = EncodedImage(buffer.getvalue(), "astronaut.jpg")
+    pixels, _ = encoded.decode_tensor()
+    assert torch.equal(pixels.permute(1, 2, 0), torch.from_numpy(np.array(encoded.decode()[0])))
+
+
+def test_decode_tensor_hands_a_jpeg_with_libjpeg_warnings_to_pil(tmp_path):
+    """Extra bytes before the end marker: libjpeg warns, strict simplejpeg refuses, PIL (like timm's and
+    torchvision's loaders) decodes the image; so must we, to the same pixels."""
+    data = _save(Image.fromarray(_gradient()), tmp_path / "a.jpg", quality=90).read_bytes()
+    odd = data[:-2] + b"\x00" * 10 + data[-2:]
+    with pytest.raises(ValueError, match="extraneous bytes"):
+        simplejpeg.decode_jpeg(odd, "RGB", strict=True)
+    encoded = EncodedImage(odd, "odd.jpg")
+    pixels, _ = encoded.decode_tensor()
+    assert torch.equal(pixels.permute(1, 2, 0), torch.from_numpy(np.array(encoded.decode()[0])))

@@ -203,7 +203,7 @@ def tiny_mim_task(drop_path: float = 0.0) -> MIMTask:
 
 
 def test_accumulation_of_4x8_matches_one_batch_of_32():
-    images = torch.randn(32, 3, 16, 16)
+    images = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
     visible, masked = MaskGenerator(4, 0.5)(32, torch.Generator().manual_seed(0))
     env, options = DistEnv(), RunOptions()
     results = []
@@ -241,7 +241,7 @@ class ScriptedTask:
 
 
 def random_masked_dataset(size: int = 64):
-    images = torch.randn(size, 3, 16, 16)
+    images = torch.randint(0, 256, (size, 3, 16, 16), dtype=torch.uint8)
     visible, masked = MaskGenerator(4, 0.5)(size, torch.Generator().manual_seed(0))
     samples = torch.utils.data.StackDataset(images, visible, masked)
     return torch.utils.data.StackDataset(samples, torch.zeros(size, dtype=torch.long))

@@ -5,6 +5,7 @@ one-line errors for bad input."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 from semanticmim.cli import app
 from semanticmim.config import RunParams
 from semanticmim.data.embedded import generate_embedded
+from semanticmim.data.transforms import normalize
 from semanticmim.engine.distributed import DistEnv
 from semanticmim.engine.optim import build_schedule
 from semanticmim.errors import InputError
@@ -167,3 +169,31 @@ def test_a_third_party_timm_vit_with_fc_norm_and_no_class_token(colour_data, tmp
     assert "top1_patch" in result and result["used"]["encoder_depth"] == 2
     with pytest.raises(InputError, match="'cls' needs prefix"):
         run(folder, colour_data, tmp_path / "out_cls", heads=["cls"], epochs=1)
+
+
+def test_task_normalises_and_erases_on_the_device_reproducibly(encoder_dir):
+    """uint8 views in; the model sees normalised images with one erased box each (p=1), drawn from the
+    step's torch RNG alone, so Python's `random` state (unknown after a resume) changes nothing."""
+    model = finetune.Classifier(load_encoder(encoder_dir).model, num_classes=3, pooling="cls")
+    task = finetune.FinetuneTask(model, mixup=None, label_smoothing=0.0, erase_prob=1.0)
+    pixels = torch.full((4, 3, 32, 32), 200, dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 0])
+    seen = []
+
+    def module(images):
+        seen.append(images.clone())
+        return model(images)
+
+    for python_seed in (1, 2):
+        random.seed(python_seed)
+        torch.manual_seed(0)
+        task.loss(module, (pixels, labels), step=0)
+    assert torch.equal(seen[0], seen[1])
+    clean = normalize(pixels)
+    erased = (seen[0] != clean).any(1)  # (B, H, W)
+    for sample in erased:
+        rows, cols = sample.any(1).nonzero(), sample.any(0).nonzero()
+        assert 0 < sample.sum() < 32 * 32 / 3 + 64  # timm's area (0.02, 1/3) of the image
+        box = sample[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.float().mean() > 0.95  # one solid rectangle
+    assert torch.equal(seen[0][~erased[:, None].expand_as(clean)], clean[~erased[:, None].expand_as(clean)])

@@ -34,16 +34,21 @@ def _assert_records(records, pipelines, max_images):
             "seconds",
             "wall_seconds",
             "img_per_s_per_core",
+            "bits_per_pixel",
         }
         assert 1 <= record["images"] <= max_images
         assert record["seconds"] > 0 and record["wall_seconds"] > 0
         assert record["img_per_s_per_core"] == pytest.approx(record["images"] / record["seconds"], rel=1e-2)
+        assert record["bits_per_pixel"] > 0
 
 
 def test_every_pipeline_measured(tmp_path):
     records = measure_pipelines(_jpegs(tmp_path / "images"), img_size=32, seconds=0.3, max_images=4)
     expected = [(name, "folder") for name in PIPELINES] + [("maskfeat", "shards")]
     _assert_records(records, expected, max_images=4)
+    paths = _jpegs(tmp_path / "images")
+    bits = 8 * sum(path.stat().st_size for path in paths) / sum(96 * (72 + i) for i in range(len(paths)))
+    assert records[0]["bits_per_pixel"] == pytest.approx(bits, abs=1e-3)
 
 
 def test_unreadable_files_are_left_out(tmp_path):

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as nnf
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms.v2 import functional as TF
 
 from semanticmim.data.decode import EncodedImage
 from semanticmim.data.transforms import (
@@ -22,7 +23,10 @@ from semanticmim.data.transforms import (
     build_mixup,
     linear_probe_transform,
     maskfeat_transform,
+    normalize,
+    resized_crop,
     sample_crop_box,
+    unit_range,
 )
 from semanticmim.errors import InputError
 
@@ -31,7 +35,14 @@ STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 def _unnormalize(view: torch.Tensor) -> torch.Tensor:
+    """A normalised float view (segmentation pipelines) → [0, 1]."""
     return view * STD + MEAN
+
+
+def _unit(view: torch.Tensor) -> torch.Tensor:
+    """A uint8 view (pretraining and classification pipelines) → [0, 1]."""
+    assert view.dtype == torch.uint8
+    return view.float() / 255
 
 
 def _smooth_image(width: int = 400, height: int = 300) -> Image.Image:
@@ -77,10 +88,25 @@ def test_crop_box_pixels_clamped():
 
 
 @pytest.mark.parametrize("make", [maskfeat_transform, linear_probe_transform])
-def test_crop_flip_normalize_shape(make):
-    view = make(32)(_smooth_image())
-    assert view.shape == (3, 32, 32) and view.dtype == torch.float32
-    assert view.min() > -2.2 and view.max() < 2.7  # ImageNet-normalised [0, 1] range
+def test_crop_flip_gives_uint8_pixels_of_the_crop(make):
+    torch.manual_seed(2)
+    image = _smooth_image()
+    view = make(32)(image)
+    assert view.shape == (3, 32, 32) and view.dtype == torch.uint8
+    torch.manual_seed(2)
+    box = sample_crop_box(image.size, make(32).scale)
+    flipped = _unit(view)[0, :, 0].mean() > _unit(view)[0, :, -1].mean()  # red grows with x
+    left_edge = _unit(view)[0, :, -1 if flipped else 0].mean().item() * 400
+    assert abs(left_edge - box.left) < 12
+
+
+def test_normalize_and_unit_range_on_batches():
+    pixels = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    expected = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(pixels.float() / 255)
+    assert torch.allclose(normalize(pixels), expected, atol=1e-5)
+    assert torch.allclose(normalize(pixels[0]), expected[0], atol=1e-5)
+    assert torch.equal(unit_range(pixels), pixels.float() / 255)
+    assert pixels.dtype == torch.uint8  # the input is not changed in place
 
 
 def test_draft_decoding_keeps_the_crop_region(tmp_path):
@@ -93,7 +119,7 @@ def test_draft_decoding_keeps_the_crop_region(tmp_path):
     torch.manual_seed(3)
     full = torch.stack([transform(encoded.decode()[0]) for _ in range(8)])
     assert encoded.decode(max_reduction=1200 * 0.7 / 64)[1] == 8  # smallest crop side ≥ 0.7·1200 → 1/8 allowed
-    assert (_unnormalize(fast) - _unnormalize(full)).abs().mean() < 0.01
+    assert (_unit(fast) - _unit(full)).abs().mean() < 0.01
 
 
 def test_beit_views_cover_the_same_box(tmp_path):
@@ -103,9 +129,8 @@ def test_beit_views_cover_the_same_box(tmp_path):
         for _ in range(10):
             model_view, tokenizer_view = transform(source)
             assert model_view.shape == (3, 64, 64) and tokenizer_view.shape == (3, 32, 32)
-            assert tokenizer_view.min() >= 0 and tokenizer_view.max() <= 1
-            pooled = nnf.avg_pool2d(_unnormalize(model_view)[None], 2)[0]
-            assert (pooled - tokenizer_view).abs().mean() < 0.02
+            pooled = nnf.avg_pool2d(_unit(model_view)[None], 2)[0]
+            assert (pooled - _unit(tokenizer_view)).abs().mean() < 0.02
 
 
 def test_beit_view_is_the_sampled_box_without_jitter():
@@ -116,7 +141,7 @@ def test_beit_view_is_the_sampled_box_without_jitter():
     model_view, _ = transform(image)
     torch.manual_seed(1)
     box = sample_crop_box(image.size, (0.08, 1.0))
-    pixels = _unnormalize(model_view)
+    pixels = _unit(model_view)
     assert abs(pixels[0, :, 0].mean().item() * 400 - box.left) < 6
     assert abs(pixels[1, 0, :].mean().item() * 300 - box.top) < 6
     assert abs(pixels[0, :, -1].mean().item() * 400 - (box.left + box.width)) < 6
@@ -127,12 +152,12 @@ def test_beit_rejects_odd_size():
         BeitTwoView(33)
 
 
-def test_moco_views_differ_and_are_normalised(tmp_path):
+def test_moco_views_differ(tmp_path):
     torch.manual_seed(0)
     transform = MocoTwoView(32)
     first, second = transform(_encoded(_smooth_image(), tmp_path))
-    assert first.shape == second.shape == (3, 32, 32)
-    assert not torch.allclose(first, second)
+    assert first.shape == second.shape == (3, 32, 32) and first.dtype == second.dtype == torch.uint8
+    assert not torch.equal(first, second)
 
 
 # ---------------------------------------------------------------------------- classification
@@ -144,8 +169,8 @@ def test_finetune_train_and_mixup(tmp_path):
     views = torch.stack(
         [transform(_smooth_image()) for _ in range(3)] + [transform(_encoded(_smooth_image(), tmp_path))]
     )
-    assert views.shape == (4, 3, 32, 32)
-    images, targets = build_mixup(num_classes=10)(views, torch.tensor([0, 1, 2, 3]))
+    assert views.shape == (4, 3, 32, 32) and views.dtype == torch.uint8
+    images, targets = build_mixup(num_classes=10)(normalize(views), torch.tensor([0, 1, 2, 3]))
     assert images.shape == views.shape and targets.shape == (4, 10)
     assert torch.allclose(targets.sum(1), torch.ones(4))
     assert targets.min() >= 0.1 / 10 - 1e-6  # label smoothing 0.1 spreads to every class
@@ -165,11 +190,11 @@ def test_classifier_eval_is_resize_then_centre_crop(tmp_path):
     view = ClassifierEval(224)(image)
     assert view.shape == (3, 224, 224)
     # shorter side 300 → 256, so the centre crop spans x ∈ [(341-224)/2, …] of 341 → red ≈ x/400
-    red = _unnormalize(view)[0, 112, :]
+    red = _unit(view)[0, 112, :]
     assert abs(red[0].item() - (341 - 224) / 2 / 341) < 0.02
     big = _encoded(_smooth_image(1600, 1200), tmp_path)
     assert (
-        _unnormalize(ClassifierEval(64)(big)) - _unnormalize(ClassifierEval(64)(big.decode()[0]))
+        _unit(ClassifierEval(64)(big)) - _unit(ClassifierEval(64)(big.decode()[0]))
     ).abs().mean() < 0.01
 
 
@@ -279,3 +304,19 @@ def test_label_shape_mismatch_is_input_error():
     image, _ = _encoded_pair(160, 120)
     with pytest.raises(InputError, match=r"expected \(H, W\) = \(120, 160\)"):
         VocLinearTrain(32)(image, np.zeros((100, 160), np.uint8))
+
+
+def test_normalize_refuses_an_already_converted_view():
+    with pytest.raises(TypeError, match="expected uint8 pixels"):
+        normalize(torch.zeros(3, 4, 4))
+    with pytest.raises(TypeError, match="expected uint8 pixels"):
+        unit_range(torch.zeros(3, 4, 4))
+
+
+@pytest.mark.parametrize("interpolation", [T.InterpolationMode.BICUBIC, T.InterpolationMode.BILINEAR])
+def test_resized_crop_equals_torchvisions(interpolation, tmp_path):
+    pixels, _ = _encoded(_smooth_image(), tmp_path).decode_tensor()
+    box = CropBox(20.4, 60.0, 300.0, 251.6)
+    top, left, height, width = box.pixels((pixels.shape[2], pixels.shape[1]))
+    expected = TF.resized_crop(pixels, top, left, height, width, [48, 48], interpolation, antialias=True)
+    assert torch.equal(resized_crop(pixels, box, 48, interpolation), expected)

@@ -23,9 +23,9 @@ _EXPORTS = {
     "inspect": ("DatasetReport", "dataset_fingerprint", "inspect_dataset", "write_manifest"),
     "transforms": (
         "IMAGENET_MEAN", "IMAGENET_STD", "AdeTrain", "BeitTwoView", "ClassifierEval", "CropBox",
-        "CropFlipNormalize", "FinetuneTrain", "MocoTwoView", "PhotoMetricDistortion", "SegmentationEval",
+        "CropFlip", "FinetuneTrain", "MocoTwoView", "PhotoMetricDistortion", "SegmentationEval",
         "VocLinearTrain", "build_mixup", "decode_for_crops", "decode_tensor_for_crops", "linear_probe_transform",
-        "maskfeat_transform", "normalize", "sample_crop_box",
+        "maskfeat_transform", "normalize", "resized_crop", "sample_crop_box", "unit_range",
     ),
     "loader": ("build_loader", "sample_seed", "seed_everything", "seeded_rngs", "set_epoch"),
     "shards": ("INDEX_NAME", "ShardDataset", "write_shards"),

@@ -59,7 +59,8 @@ def measure_pipelines(
     pipelines named in `shards` are also timed reading the same images from WebDataset shards
     written (into a temporary directory) with longer side ≤ shard_max_side.
     Returns one record per run: {pipeline, source ("folder" | "shards"), img_size, images, seconds
-    (CPU), wall_seconds, img_per_s_per_core}.
+    (CPU), wall_seconds, img_per_s_per_core, bits_per_pixel (of the files read: decode time grows
+    with it)}.
     """
     unknown = sorted(set(pipelines) - set(PIPELINES))
     if unknown:
@@ -70,15 +71,24 @@ def measure_pipelines(
     if not readable:
         raise InputError(f"samples: none of the {len(samples)} files is a readable image, e.g. {samples[0]}")
     records = []
+    bits = _bits_per_pixel(EncodedImage.from_file(path) for path in readable)
     with _one_thread():
         torch.manual_seed(seed)
         for name in pipelines:
             transform = PIPELINES[name](img_size)
             sources = (EncodedImage.from_file(path) for path in cycle(readable))
-            records.append(_measure(name, "folder", img_size, transform, sources, seconds, max_images))
+            records.append(_measure(name, "folder", img_size, transform, sources, seconds, max_images) | bits)
         if shards:
             records += _measure_shards(readable, img_size, shards, shard_max_side, seconds, max_images)
     return records
+
+
+def _bits_per_pixel(images: Iterable[EncodedImage]) -> dict[str, float]:
+    """{"bits_per_pixel": encoded bits / pixels, over all `images`}."""
+    bits = pixels = 0
+    for image in images:
+        bits, pixels = bits + 8 * len(image.data), pixels + image.size[0] * image.size[1]
+    return {"bits_per_pixel": round(bits / max(pixels, 1), 3)}
 
 
 def collect_images(root: str | Path, limit: int | None = None) -> list[Path]:
@@ -130,11 +140,13 @@ def _measure_shards(
 ) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="semanticmim-bench-") as folder:
         write_shards([(path, 0) for path in samples], folder, max_side=max_side, shard_size=256)
+        bits = _bits_per_pixel(image for image, _ in ShardDataset(folder).encoded())
         records = []
         for name in names:
             transform = PIPELINES[name](img_size)
             dataset = ShardDataset(folder)
-            records.append(_measure(name, "shards", img_size, transform, _endless(dataset), seconds, max_images))
+            record = _measure(name, "shards", img_size, transform, _endless(dataset), seconds, max_images)
+            records.append(record | bits)
         return records
 
 

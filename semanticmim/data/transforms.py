@@ -5,10 +5,16 @@ a transform samples its crop box on the file's size first and then decodes the J
 DCT reduction (1/2, 1/4, 1/8) that still leaves the crop at least its output size, so large files
 decode several times faster with the same crop region and no loss of resolution.
 
-Shapes: views are float32 (3, S, S), ImageNet-normalised unless said otherwise; segmentation labels
+Pretraining and classification views are uint8 (3, S, S) pixels, as timm's loader ships them with
+its prefetcher: the consumer moves the batch to its device and calls `normalize` (ImageNet mean/std) or
+`unit_range` ([0, 1]) there. That keeps the float conversion out of the data workers (≈9% of a MaskFeat
+worker's time on ImageNet-sized JPEGs) and makes the host→device copy 4× smaller. Segmentation
+pipelines return float32 views already normalised: mmseg pads the ADE20K crop *after* normalising (with
+0, the mean colour), which uint8 cannot express; their datasets are 10–20k images. Segmentation labels
 are int64 (H, W) with 255 = ignore.
 """
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -17,7 +23,6 @@ import numpy as np
 import timm.data
 import torch
 from PIL import Image, ImageFilter, ImageOps
-from timm.data.random_erasing import RandomErasing
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
@@ -34,7 +39,7 @@ __all__ = [
     "BeitTwoView",
     "ClassifierEval",
     "CropBox",
-    "CropFlipNormalize",
+    "CropFlip",
     "FinetuneTrain",
     "MocoTwoView",
     "PhotoMetricDistortion",
@@ -46,7 +51,9 @@ __all__ = [
     "linear_probe_transform",
     "maskfeat_transform",
     "normalize",
+    "resized_crop",
     "sample_crop_box",
+    "unit_range",
 ]
 
 IMAGENET_MEAN = timm.data.IMAGENET_DEFAULT_MEAN
@@ -145,13 +152,42 @@ def decode_tensor_for_crops(
     return pixels, [box.scaled(1 / reduction) for box in boxes]
 
 
+def resized_crop(pixels: torch.Tensor, box: CropBox, size: int, interpolation) -> torch.Tensor:
+    """uint8 (3, H, W) → the box (whole pixels) resized to (3, size, size), antialiased.
+
+    The crop is copied into HWC order first: torch's uint8 resize works on that layout, and handed a
+    strided view torchvision makes a CHW copy that torch converts again — 1.4× slower in all."""
+    top, left, height, width = box.pixels(_size(pixels))
+    crop = pixels[:, top : top + height, left : left + width].permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    return F.resize(crop, [size, size], interpolation, antialias=True)
+
+
 def _max_reduction(boxes: Sequence[CropBox], out_size: int) -> float:
     return min(min(box.width, box.height) for box in boxes) / out_size
 
 
-def normalize(image: torch.Tensor) -> torch.Tensor:
-    """uint8 (3, H, W) → float32 (3, H, W), ImageNet-normalised."""
-    return image.float().mul_(_NORM_SCALE).add_(_NORM_SHIFT)  # in place: 2× faster than addcmul here
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) → float32 (..., 3, H, W), ImageNet-normalised, on the pixels' device."""
+    _check_pixels(pixels)
+    scale, shift = _norm_constants(pixels.device)
+    return pixels.float().mul_(scale).add_(shift)  # in place: 2× faster than addcmul on CPU
+
+
+def unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) → float32 in [0, 1] (the dVAE/DALL-E tokenizer's input range)."""
+    _check_pixels(pixels)
+    return pixels.float().div_(255)
+
+
+def _check_pixels(pixels: torch.Tensor) -> None:
+    # a float input here means the image was already converted once: normalising twice is silent
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 pixels (a transform's output), got {pixels.dtype}")
+
+
+@functools.cache
+def _norm_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return _NORM_SCALE.to(device), _NORM_SHIFT.to(device)
 
 
 def _size(pixels: torch.Tensor) -> tuple[int, int]:
@@ -167,8 +203,8 @@ def _flip_now(p: float) -> bool:
 # pretraining views
 
 
-class CropFlipNormalize:
-    """Random-resized-crop + horizontal flip + ImageNet normalisation → float32 (3, S, S).
+class CropFlip:
+    """Random-resized-crop (bicubic, antialiased) + horizontal flip → uint8 (3, S, S).
 
     MaskFeat pretraining (crop (0.5, 1)) and the linear probe (crop (0.08, 1)) use it.
     """
@@ -179,30 +215,29 @@ class CropFlipNormalize:
     def __call__(self, source: ImageSource) -> torch.Tensor:
         box = sample_crop_box(source.size, self.scale)
         pixels, (box,) = decode_tensor_for_crops(source, [box], self.img_size)
-        top, left, height, width = box.pixels(_size(pixels))
-        view = F.resized_crop(pixels, top, left, height, width, [self.img_size] * 2, self.interpolation, antialias=True)
+        view = resized_crop(pixels, box, self.img_size, self.interpolation)
         if _flip_now(self.flip):
             view = view.flip(-1)
-        return normalize(view)
+        return view
 
 
-def maskfeat_transform(img_size: int) -> CropFlipNormalize:
+def maskfeat_transform(img_size: int) -> CropFlip:
     """MaskFeat pretraining [Table 2]: crop (0.5, 1) bicubic, flip 0.5, no colour jitter; the HOG
-    target is computed on this normalised image."""
-    return CropFlipNormalize(img_size, scale=(0.5, 1.0))
+    target is computed on the normalised image, on the training device."""
+    return CropFlip(img_size, scale=(0.5, 1.0))
 
 
-def linear_probe_transform(img_size: int) -> CropFlipNormalize:
+def linear_probe_transform(img_size: int) -> CropFlip:
     """IN-1K linear probe training [Table 5]: crop (0.08, 1) bicubic, flip 0.5."""
-    return CropFlipNormalize(img_size, scale=(0.08, 1.0))
+    return CropFlip(img_size, scale=(0.08, 1.0))
 
 
 class BeitTwoView:
     """BEiT pretraining [Table 2, BEiT code]: colour jitter 0.4 and flip on the whole image, then one
     crop box (0.08, 1) resized twice.
 
-    Returns (model_view float32 (3, S, S) bicubic, ImageNet-normalised;
-             tokenizer_view float32 (3, S/2, S/2) Lanczos, in [0, 1] — the tokenizer maps 0.8·x + 0.1 itself).
+    Returns uint8 (model_view (3, S, S) bicubic — normalise it —, tokenizer_view (3, S/2, S/2) Lanczos —
+    take it to [0, 1] with `unit_range`; the tokenizer maps 0.8·x + 0.1 itself).
     """
 
     def __init__(self, img_size: int, scale: tuple[float, float] = (0.08, 1.0), jitter: float = 0.4, flip: float = 0.5):
@@ -222,13 +257,13 @@ class BeitTwoView:
         size, half = (self.img_size, self.img_size), (self.img_size // 2, self.img_size // 2)
         model_view = image.resize(size, Image.Resampling.BICUBIC, box=box.pil_box())
         tokenizer_view = image.resize(half, Image.Resampling.LANCZOS, box=box.pil_box())
-        return normalize(F.pil_to_tensor(model_view)), F.pil_to_tensor(tokenizer_view).float() / 255
+        return F.pil_to_tensor(model_view), F.pil_to_tensor(tokenizer_view)
 
 
 class MocoTwoView:
     """MoCo v3's asymmetric views [MoCo v3 code]: crop (0.08, 1) bilinear, colour jitter
     (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2, Gaussian blur σ∈(0.1, 2)·S/224 p=1.0 / 0.1,
-    solarize p=0 / 0.2, flip 0.5. Returns two float32 (3, S, S) normalised views.
+    solarize p=0 / 0.2, flip 0.5. Returns two uint8 (3, S, S) views.
 
     The photometric steps run on PIL images as in MoCo v3's code: PIL's Gaussian blur is ~20× faster
     than torchvision's convolution on CPU."""
@@ -255,8 +290,8 @@ class MocoTwoView:
         pixels, boxes = decode_tensor_for_crops(source, boxes, self.img_size)
         out = []
         for view, box in zip(self.views, boxes, strict=True):
-            crop = F.resized_crop(pixels, *box.pixels(_size(pixels)), [self.img_size] * 2, BILINEAR, antialias=True)
-            out.append(normalize(F.pil_to_tensor(view(F.to_pil_image(crop)))))
+            crop = resized_crop(pixels, box, self.img_size, BILINEAR)
+            out.append(F.pil_to_tensor(view(F.to_pil_image(crop))))
         return out[0], out[1]
 
 
@@ -276,13 +311,13 @@ class _PilGaussianBlur:
 
 class FinetuneTrain:
     """IN-1K fine-tuning [Table 3, BEiT/MAE code]: bicubic crop (0.08, 1) + flip, then timm's
-    RandAugment `rand-m9-mstd0.5-inc1`, normalisation and random erasing 0.25 (pixel mode).
-    Returns float32 (3, S, S). Mixup/CutMix act on batches: see `build_mixup`."""
+    RandAugment `rand-m9-mstd0.5-inc1`. Returns uint8 (3, S, S). Random erasing (it draws normalised
+    pixels) and Mixup/CutMix act on the normalised batch on the device: see `eval.finetune.FinetuneTask`."""
 
     def __init__(self, img_size: int, scale: tuple[float, float] = (0.08, 1.0), flip: float = 0.5):
         self.img_size, self.scale, self.flip = img_size, scale, flip
-        # timm's crop+flip stage is replaced by the crop-aware one below (same box algorithm) and its
-        # ToTensor+Normalize by the faster uint8 path; RandAugment and RandomErasing are timm's own
+        # timm's crop+flip stage is replaced by the crop-aware one below (same box algorithm); RandAugment
+        # is timm's own
         _, self.augment, _ = timm.data.create_transform(
             img_size,
             is_training=True,
@@ -291,15 +326,14 @@ class FinetuneTrain:
             separate=True,
         )
         _allow_zero_bit_posterize(self.augment)
-        self.erase = RandomErasing(probability=0.25, mode="pixel", max_count=1, device="cpu")
 
     def __call__(self, source: ImageSource) -> torch.Tensor:
         box = sample_crop_box(source.size, self.scale)
         pixels, (box,) = decode_tensor_for_crops(source, [box], self.img_size)
-        crop = F.resized_crop(pixels, *box.pixels(_size(pixels)), [self.img_size] * 2, BICUBIC, antialias=True)
+        crop = resized_crop(pixels, box, self.img_size, BICUBIC)
         if _flip_now(self.flip):
             crop = crop.flip(-1)
-        return self.erase(normalize(F.pil_to_tensor(self.augment(F.to_pil_image(crop)))))
+        return F.pil_to_tensor(self.augment(F.to_pil_image(crop)))
 
 
 def _allow_zero_bit_posterize(augment: v2.Compose) -> None:
@@ -330,7 +364,7 @@ def build_mixup(
 
 class ClassifierEval:
     """Evaluation [Table 3]: resize the shorter side to ⌊S·256/224⌋ bicubic (antialiased), centre-crop
-    S, normalise — timm's eval transform, on uint8 tensors. Returns float32 (3, S, S)."""
+    S — timm's eval transform, on uint8 tensors. Returns uint8 (3, S, S)."""
 
     def __init__(self, img_size: int):
         self.img_size, self.resize_to = img_size, math.floor(img_size * 256 / 224)
@@ -341,7 +375,7 @@ class ClassifierEval:
         else:
             pixels = F.pil_to_tensor(source)
         resized = F.resize(pixels, self.resize_to, BICUBIC, antialias=True)
-        return normalize(F.center_crop(resized, self.img_size))
+        return F.center_crop(resized, self.img_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -495,8 +529,8 @@ def _keep_ratio_size(size: tuple[int, int], scale: tuple[float, float]) -> list[
 
 
 class TokenizerView:
-    """dVAE training/evaluation view: random-resized crop + flip, float32 (3, S, S) in [0, 1] (the
-    tokenizer's own input range; it applies OpenAI's 0.8·x + 0.1 itself)."""
+    """dVAE training/evaluation view: random-resized crop (Lanczos) + flip, uint8 (3, S, S); the consumer
+    takes it to [0, 1] with `unit_range` (the tokenizer applies OpenAI's 0.8·x + 0.1 itself)."""
 
     def __init__(self, img_size: int, scale: tuple[float, float] = (0.5, 1.0), flip: float = 0.5):
         self.img_size, self.scale, self.flip = img_size, scale, flip
@@ -509,4 +543,4 @@ class TokenizerView:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             box = box.mirrored(image.width)
         view = image.resize((self.img_size, self.img_size), Image.Resampling.LANCZOS, box=box.pil_box())
-        return F.pil_to_tensor(view).float() / 255
+        return F.pil_to_tensor(view)

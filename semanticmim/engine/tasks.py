@@ -4,7 +4,8 @@ MIM (BEiT, MaskFeat, both SemanticMIM variants): masks come with each sample (`W
 the data workers from the sample's own seed, so they do not depend on batch layout, accumulation or
 world size); compute the target on the training device in fp32 without gradients (HOG of the
 normalised view; dVAE tokens of the 112-px view), predict the masked patches. MoCo v3: two views
-and the step's momentum. dVAE: the step's Gumbel-softmax temperature.
+and the step's momentum. dVAE: the step's Gumbel-softmax temperature. Views arrive as uint8 pixels
+and are normalised here, on the training device (`semanticmim.data.transforms`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from semanticmim.data.transforms import normalize, unit_range
 from semanticmim.engine.timing import no_timer
 from semanticmim.errors import InputError
 from semanticmim.models import MaskedImageModel, MaskGenerator
@@ -69,12 +71,14 @@ class MIMTask:
             raise InputError(f"{self.name} predicts HOG but no HOGTarget was given")
 
     def targets(self, views) -> tuple[torch.Tensor, torch.Tensor]:
-        """views -> images (B, 3, H, W) and targets (B, N) tokens or (B, N, C) HOG."""
+        """uint8 views (the model's (B, 3, H, W) [+ the tokenizer's (B, 3, H/2, W/2)]) on the device
+        -> normalised images (B, 3, H, W) float32 and targets (B, N) tokens or (B, N, C) HOG."""
         with self.timer("targets"), torch.no_grad(), no_autocast(self.device):
             if self.model.config.target == "dvae":
-                images, tokenizer_view = views
-                return images, self.tokenizer(tokenizer_view)
-            return views, self.hog(views)
+                pixels, tokenizer_view = views
+                return normalize(pixels), self.tokenizer(unit_range(tokenizer_view))
+            images = normalize(views)
+            return images, self.hog(images)
 
     @property
     def device(self) -> torch.device:
@@ -105,7 +109,8 @@ class MoCoTask:
 
     def loss(self, module: nn.Module, batch, step: int) -> torch.Tensor:
         (view1, view2), _labels = to_device(batch, self.model.encoder.pos_embed.device)
-        return module(view1, view2, momentum=momentum_at(step, self.total_steps, self.base_momentum))
+        momentum = momentum_at(step, self.total_steps, self.base_momentum)
+        return module(normalize(view1), normalize(view2), momentum=momentum)
 
     def to(self, device: torch.device) -> MoCoTask:
         return self
@@ -120,7 +125,8 @@ class DVAETask:
     temperature_end: float = 1 / 16
 
     def loss(self, module: nn.Module, batch, step: int) -> torch.Tensor:
-        images, _labels = to_device(batch, next(self.model.parameters()).device)
+        pixels, _labels = to_device(batch, next(self.model.parameters()).device)
+        images = unit_range(pixels)
         tau = temperature_schedule(step, self.total_steps, self.temperature_start, self.temperature_end)
         with no_autocast(images.device):
             loss, _stats = module(images, temperature=tau)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ import timm.data
 import torch
 import torch.nn.functional as F
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from timm.data.random_erasing import RandomErasing
 from timm.models._manipulate import MATCH_PREV_GROUP
 from timm.optim._param_groups import param_groups_layer_decay
 from torch import nn
@@ -54,7 +56,7 @@ from torch.utils.data import DataLoader, Subset
 
 from semanticmim.config import RunParams
 from semanticmim.data.layouts import ClassificationDataset, SkipLog
-from semanticmim.data.transforms import ClassifierEval, FinetuneTrain, build_mixup
+from semanticmim.data.transforms import ClassifierEval, FinetuneTrain, build_mixup, normalize
 from semanticmim.engine.distributed import DistEnv
 from semanticmim.engine.loop import Plan, RunOptions, Schedule, autocast_for, plan_batches
 from semanticmim.engine.optim import build_schedule
@@ -73,7 +75,7 @@ from semanticmim.schema import Strict
 
 Pooling = Literal["cls", "patch"]
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"  # Table 3, fixed in `FinetuneTrain`
-RANDOM_ERASING = 0.25  # Table 3, fixed in `FinetuneTrain`
+RANDOM_ERASING = 0.25  # Table 3, fixed in `FinetuneTask`
 
 
 class Settings(Strict):
@@ -173,25 +175,33 @@ def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: floa
 
 @dataclass
 class FinetuneTask:
-    """One fine-tuning step for the engine: Mixup/CutMix (training only) and soft-target cross-entropy,
-    or label-smoothed cross-entropy when both are off."""
+    """One fine-tuning step for the engine on uint8 `FinetuneTrain` views: normalise and randomly erase
+    on the device (timm's prefetcher order), then Mixup/CutMix and soft-target cross-entropy, or
+    label-smoothed cross-entropy when both are off."""
 
     model: Classifier
     mixup: timm.data.Mixup | None
     label_smoothing: float
     name: str = "finetune"
+    erase_prob: float = RANDOM_ERASING
+
+    def __post_init__(self) -> None:
+        self.erasing = RandomErasing(self.erase_prob, mode="pixel", max_count=1, device=self.model.head.weight.device)
 
     def loss(self, module: nn.Module, batch, step: int) -> torch.Tensor:
-        images, labels = to_device(batch, self.model.head.weight.device)
+        pixels, labels = to_device(batch, self.model.head.weight.device)
+        # timm's erasing and Mixup draw from Python's and numpy's RNGs: seed them from the step's torch
+        # RNG (seeded by the engine from seed, step and rank) so a resumed run matches an uninterrupted one
+        random.seed(int(torch.randint(0, 2**31 - 1, ())))
+        images = self.erasing(normalize(pixels))
         if self.mixup is None:
             return F.cross_entropy(module(images).float(), labels, label_smoothing=self.label_smoothing)
-        # timm's Mixup draws from numpy: seed it from the step's torch RNG (seeded by the engine from
-        # seed, step and rank) so that a resumed run mixes exactly as an uninterrupted one
         np.random.seed(int(torch.randint(0, 2**31 - 1, ())))
         images, targets = self.mixup(images, labels)  # soft targets (B, C), label smoothing included
         return torch.sum(-targets * F.log_softmax(module(images).float(), dim=-1), dim=-1).mean()
 
     def to(self, device: torch.device) -> FinetuneTask:
+        self.erasing.device = device
         return self
 
 
@@ -207,7 +217,7 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, num_classes: int, 
         task = bar.add_task("evaluate", total=len(loader))
         for images, labels in loader:
             with autocast_for(env.device, options.amp):
-                logits = model(images.to(env.device, non_blocking=True))
+                logits = model(normalize(images.to(env.device, non_blocking=True)))
             meter.update(logits, labels.to(env.device))
             bar.advance(task)
     model.train(was_training)

@@ -61,7 +61,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from semanticmim.config import RunParams
 from semanticmim.data.layouts import ClassificationDataset, ClassificationSplit, SkipLog, read_split
-from semanticmim.data.transforms import ClassifierEval, CropFlipNormalize
+from semanticmim.data.transforms import ClassifierEval, CropFlip, normalize
 from semanticmim.engine.checkpoint import save_checkpoint
 from semanticmim.engine.distributed import DistEnv
 from semanticmim.engine.loop import Plan, RunOptions, Schedule, autocast_for, plan_batches, resume
@@ -212,9 +212,9 @@ class HeadSpec:
 
 
 class ProbeFeatures:
-    """The frozen encoder as the heads' input: images (B, 3, H, W) -> (B, S, D), one slot per
-    (block, pooling) in `slots`, pooled and (by default) through a parameter-free LayerNorm.
-    One backbone pass serves every slot."""
+    """The frozen encoder as the heads' input: uint8 images (B, 3, H, W), normalised here on their
+    device -> (B, S, D), one slot per (block, pooling) in `slots`, pooled and (by default) through a
+    parameter-free LayerNorm. One backbone pass serves every slot."""
 
     def __init__(self, encoder: Encoder, slots: list[tuple[int, str]], layer_norm: bool):
         self.encoder, self.slots, self.layer_norm = encoder, slots, layer_norm
@@ -226,7 +226,7 @@ class ProbeFeatures:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        outputs = dict(zip(self.blocks, self.encoder.block_tokens(images, self.blocks), strict=True))
+        outputs = dict(zip(self.blocks, self.encoder.block_tokens(normalize(images), self.blocks), strict=True))
         features = torch.stack([pool(*outputs[block], pooling) for block, pooling in self.slots], 1).float()
         if self.layer_norm:
             features = F.layer_norm(features, features.shape[-1:], eps=LAYER_NORM_EPS)
@@ -499,7 +499,7 @@ def evaluate(encoder_dir: Path, data_root: Path, data_format: str, settings: Set
         backbone_images = len(train_split.samples) + len(val_split.samples)
     else:
         extract_s = time.perf_counter() - tick
-        train_set = ClassificationDataset(train_split, CropFlipNormalize(img_size, settings.crop_scale),
+        train_set = ClassificationDataset(train_split, CropFlip(img_size, settings.crop_scale),
                                           skip_report=skipped, lazy_decode=True)
         info = {"stage": "eval linear-cls", "settings": settings.model_dump(mode="json"),
                 "encoder": encoder.identity, "world_size": env.world_size}
