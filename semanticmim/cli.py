@@ -111,8 +111,10 @@ def bench_command(
         if as_json:
             print_json(records)
             return
+        typer.echo(f"{records[0]['bits_per_pixel']:.2f} bits per pixel in the files; img/s per core:")
         for r in records:
-            typer.echo(f"{r['pipeline']:>10} ({r['source']}): {r['img_per_s_per_core']:8.1f} img/s per core")
+            ratio = f"  ({r['vs_reference']:.2f}× maskfeat-reference)" if "vs_reference" in r else ""
+            typer.echo(f"{r['pipeline']:>18} ({r['source']}): {r['img_per_s_per_core']:8.1f}{ratio}")
         return
     if loop:
         from stages import bench_loop

@@ -3,9 +3,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from semanticmim.data.decode import EncodedImage
 from semanticmim.data.throughput import PIPELINES, collect_images, measure_pipelines
+from semanticmim.data.transforms import normalize
 from semanticmim.errors import InputError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -26,7 +29,7 @@ def _jpegs(folder: Path, count: int = 6) -> list[Path]:
 def _assert_records(records, pipelines, max_images):
     assert [(r["pipeline"], r["source"]) for r in records] == pipelines
     for record in records:
-        assert set(record) == {
+        assert set(record) - {"vs_reference"} == {
             "pipeline",
             "source",
             "img_size",
@@ -49,6 +52,28 @@ def test_every_pipeline_measured(tmp_path):
     paths = _jpegs(tmp_path / "images")
     bits = 8 * sum(path.stat().st_size for path in paths) / sum(96 * (72 + i) for i in range(len(paths)))
     assert records[0]["bits_per_pixel"] == pytest.approx(bits, abs=1e-3)
+    reference = next(r for r in records if r["pipeline"] == "maskfeat-reference")["img_per_s_per_core"]
+    ratios = {r["source"]: r["vs_reference"] for r in records if r["pipeline"] == "maskfeat"}
+    assert set(ratios) == {"folder", "shards"}
+    for record in records:
+        if record["pipeline"] == "maskfeat":
+            assert record["vs_reference"] == pytest.approx(record["img_per_s_per_core"] / reference, abs=1e-3)
+        else:
+            assert "vs_reference" not in record
+
+
+def test_reference_pipeline_matches_ours_in_distribution(tmp_path):
+    """Same crop-scale law and normalisation: over many draws the mean images agree closely."""
+    y, x = np.mgrid[0:75, 0:100]
+    ramps = np.stack([x * 255 / 99, y * 255 / 74, np.full_like(x, 128.0)], -1).astype(np.uint8)
+    Image.fromarray(ramps).save(tmp_path / "ramps.jpg", quality=95)
+    image = EncodedImage.from_file(tmp_path / "ramps.jpg")
+    ours, reference = PIPELINES["maskfeat"](32), PIPELINES["maskfeat-reference"](32)
+    torch.manual_seed(0)
+    mean_ours = torch.stack([normalize(ours(image)) for _ in range(300)]).mean(0)
+    mean_reference = torch.stack([reference(image) for _ in range(300)]).mean(0)
+    assert reference(image).dtype == torch.float32
+    assert (mean_ours - mean_reference).abs().mean() < 0.05
 
 
 def test_unreadable_files_are_left_out(tmp_path):

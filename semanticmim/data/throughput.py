@@ -1,11 +1,16 @@
 """Single-core decode + augmentation throughput of every pretraining/evaluation pipeline.
 
+`maskfeat-reference` is the baseline the MaskFeat pipeline is compared with in the same run: the
+textbook torchvision pipeline of MAE's and timm's training scripts (PIL decode, RandomResizedCrop
+bicubic, flip, ToTensor, Normalize → float32), on the same crop distribution.
+
 `img_per_s_per_core` divides images by the *CPU time* this process spent (torch limited to one thread
 for the measurement), so that other load on the machine does not halve it; `wall_seconds` is given
 too. This is what one DataLoader worker delivers; N workers on N free cores deliver about N times it.
 """
 
 import contextlib
+import io
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -13,10 +18,14 @@ from itertools import cycle, islice
 from pathlib import Path
 
 import torch
+from PIL import Image
+from torchvision import transforms as T
 
 from semanticmim.data.decode import EncodedImage, UnreadableImage
 from semanticmim.data.shards import ShardDataset, write_shards
 from semanticmim.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     BeitTwoView,
     ClassifierEval,
     FinetuneTrain,
@@ -30,10 +39,24 @@ __all__ = ["PIPELINES", "collect_images", "measure_pipelines"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
+
+
+def maskfeat_reference(img_size: int) -> Callable[[EncodedImage], torch.Tensor]:
+    """MaskFeat's augmentation as MAE's/timm's scripts write it, from the file bytes: float32 (3, S, S)."""
+    transform = T.Compose([
+        T.RandomResizedCrop(img_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+    return lambda image: transform(Image.open(io.BytesIO(image.data)).convert("RGB"))
+
+
 # name → transform factory taking img_size; "decode" is the floor: file read + full decode, no augmentation
 PIPELINES: dict[str, Callable[[int], Callable]] = {
     "decode": lambda img_size: lambda image: image.decode_tensor()[0],
     "maskfeat": maskfeat_transform,
+    "maskfeat-reference": maskfeat_reference,
     "beit": BeitTwoView,
     "mocov3": MocoTwoView,
     "finetune": FinetuneTrain,
@@ -60,7 +83,7 @@ def measure_pipelines(
     written (into a temporary directory) with longer side ≤ shard_max_side.
     Returns one record per run: {pipeline, source ("folder" | "shards"), img_size, images, seconds
     (CPU), wall_seconds, img_per_s_per_core, bits_per_pixel (of the files read: decode time grows
-    with it)}.
+    with it)}; when `maskfeat-reference` ran, the MaskFeat records add vs_reference = their img/s over its.
     """
     unknown = sorted(set(pipelines) - set(PIPELINES))
     if unknown:
@@ -80,6 +103,16 @@ def measure_pipelines(
             records.append(_measure(name, "folder", img_size, transform, sources, seconds, max_images) | bits)
         if shards:
             records += _measure_shards(readable, img_size, shards, shard_max_side, seconds, max_images)
+    return _with_ratios(records)
+
+
+def _with_ratios(records: list[dict]) -> list[dict]:
+    reference = next((r for r in records if r["pipeline"] == "maskfeat-reference"), None)
+    if reference is None:
+        return records
+    for record in records:
+        if record["pipeline"] == "maskfeat":
+            record["vs_reference"] = round(record["img_per_s_per_core"] / reference["img_per_s_per_core"], 3)
     return records
 
 
