@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup repro test lint
+.PHONY: setup repro test lint cuda-check
 
 $(BIN)/semanticmim: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,3 +23,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# on a GPU host: tests marked cuda + ViT-B/16 benchmark on the GPU, results in cuda-check/
+cuda-check: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/cuda-check.sh

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from semanticmim.bench import run_benchmark
+from semanticmim.data.transforms import normalize
 from semanticmim.models import VARIANTS, EncoderConfig, MaskGenerator, build_variant
 from semanticmim.targets import HOGTarget
 
@@ -41,3 +42,10 @@ def test_bench_vit_b_on_cuda_reports_every_variant():
     names = {r["variant"] for r in records}
     assert names == {*VARIANTS, "timm-vit"}
     assert all(0 < r["mfu"] < 1.2 for r in records)
+
+
+def test_uint8_batches_are_normalised_on_the_device_as_on_the_cpu():
+    pixels = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    on_device = normalize(pixels.cuda())
+    assert on_device.device.type == "cuda"
+    torch.testing.assert_close(on_device.cpu(), normalize(pixels))
