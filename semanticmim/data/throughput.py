@@ -40,7 +40,6 @@ __all__ = ["PIPELINES", "collect_images", "measure_pipelines"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-
 def maskfeat_reference(img_size: int) -> Callable[[EncodedImage], torch.Tensor]:
     """MaskFeat's augmentation as MAE's/timm's scripts write it, from the file bytes: float32 (3, S, S)."""
     transform = T.Compose([
