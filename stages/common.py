@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 from semanticmim.engine.distributed import DistEnv
+from stages.environment import lock_sha256
+from stages.params import repo_root_of
 
 PACKAGES = ("semanticmim", "torch", "torchvision", "timm", "numpy", "pillow", "safetensors", "dvclive")
 
@@ -44,7 +46,8 @@ def run_info(stage: str, params: dict, params_file: Path, env: DistEnv) -> dict:
         "params_file": str(params_file),
         "params": params,
         "versions": package_versions(),
-        "git_commit": git_commit(Path(params_file).resolve().parent),
+        "git_commit": git_commit(repo_root_of(Path(params_file))),
         "device": {"type": env.device.type, "name": device, "torch_threads": torch.get_num_threads()},
         "world_size": env.world_size,
+        "lock_sha256": lock_sha256(repo_root_of(Path(params_file))),
     }

@@ -1,4 +1,4 @@
-"""Stage `dvae`: params.yaml `dvae` section -> runs/dvae/ (our own BEiT tokenizer).
+"""Stage `dvae`: params.yaml `dvae` section -> runs/dvae/ (BEiT's tokenizer: ours, or OpenAI's imported).
 
 Outputs: tokenizer.safetensors (the encoder, a `DalleTokenizer`: what BEiT pretraining reads),
 model.safetensors (encoder + decoder, for drawing reconstructions), checkpoints/, metrics.json with the
@@ -9,20 +9,82 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from pydantic import Field, PositiveFloat, PositiveInt
 from torch.utils.data import DataLoader
 
-from semanticmim.config import DVAEParams, load_section, resolve_path
 from semanticmim.data.layouts import ClassificationDataset, read_imagefolder
 from semanticmim.data.transforms import TokenizerView, unit_range
 from semanticmim.engine import distributed
-from semanticmim.engine.loop import RunOptions, Schedule, train
+from semanticmim.engine.loop import RunOptions, to_device, train
 from semanticmim.engine.progress import write_json_atomic
-from semanticmim.engine.tasks import DVAETask, to_device
+from semanticmim.engine.recipe import Schedule
+from semanticmim.methods.tasks import DVAETask
+from semanticmim.settings import Strict
+from semanticmim.targets.dalle import import_openai_pickle
 from semanticmim.targets.dvae import DiscreteVAE, codebook_perplexity
 from stages.common import run_info
+from stages.params import DataParams, load_section, resolve_path
+
+
+class DVAEParams(Strict):
+    """The `dvae` section: our own discrete VAE tokenizer (OpenAI's weights cannot be downloaded here)."""
+
+    vocab_size: PositiveInt = 8192
+    n_hid: PositiveInt = 256
+    group_count: PositiveInt = 4  # downsampling 2^(group_count-1): 112 px -> 14x14 tokens at 4 groups
+    n_blk_per_group: PositiveInt = 2
+    image_size: PositiveInt = 112  # the tokenizer view; half the model's image size
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 1e-3
+    min_lr: float = Field(1e-5, ge=0.0)
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    temperature_start: PositiveFloat = 1.0
+    temperature_end: PositiveFloat = 1.0 / 16
+    # 0.01 at tiny scale: 0 used ~6 of 64 codes, 0.05 pulled q(z|x) to uniform (tokens carried nothing)
+    kl_weight: float = Field(0.01, ge=0.0)
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    data: DataParams = DataParams()
+    run: RunOptions = RunOptions()
+    # OpenAI's DALL-E encoder.pkl: when set, the stage imports it (unpickling it) instead of training ours
+    dalle_weights: Path | None = None
+
+
+TOKENIZER_KINDS = {"trained": "ours: the dvae stage's dVAE", "imported": "OpenAI DALL-E (imported encoder.pkl)"}
+
+
+@torch.no_grad()
+def tokenizer_perplexity(tokenizer, dataset, device: torch.device, limit: int = 512) -> float:
+    """Codebook perplexity of the tokenizer's argmax tokens on up to `limit` validation images."""
+    batches = zip(DataLoader(dataset, 64), range(limit // 64 + 1), strict=False)
+    images = unit_range(torch.cat([to_device(batch, device)[0] for batch, _ in batches])[:limit])
+    return codebook_perplexity(tokenizer.logits(images)).item()
+
+
+def import_tokenizer(params: DVAEParams, params_file: Path, out_dir: Path, env) -> dict:
+    """The tokenizer from OpenAI's weights: imported, never trained over; -> held-out perplexity."""
+    pickle_path = resolve_path(params.dalle_weights, params_file)
+    print(f"note: {pickle_path} is a Python pickle and will be unpickled (dvae.dalle_weights); use only a file "
+          "you trust. Globals outside torch's module classes are refused.", file=sys.stderr)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "model.safetensors").unlink(missing_ok=True)  # an earlier trained dVAE: not this tokenizer's decoder
+    tokenizer = import_openai_pickle(pickle_path, out_dir / "tokenizer.safetensors").to(env.device).eval()
+    root = resolve_path(params.data.root, params_file)
+    val_set = ClassificationDataset(read_imagefolder(root, params.data.val_split),
+                                    TokenizerView(params.image_size, (1.0, 1.0), flip=0.0))
+    info = run_info("dvae", {**params.model_dump(mode="json"), "tokenizer_kind": TOKENIZER_KINDS["imported"],
+                             "dalle_weights_sha256": hashlib.sha256(pickle_path.read_bytes()).hexdigest()},
+                    params_file, env)
+    write_json_atomic(out_dir / "run.json", info)
+    metrics = {"val_perplexity": tokenizer_perplexity(tokenizer, val_set, env.device)}
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    return metrics
 
 
 @torch.no_grad()
@@ -42,6 +104,8 @@ def run(params_file: Path, out_dir: Path, quiet: bool = False, device: str = "au
     params: DVAEParams = load_section(params_file, "dvae")
     env = distributed.setup(device)
     try:
+        if params.dalle_weights is not None:
+            return import_tokenizer(params, params_file, out_dir, env)
         root = resolve_path(params.data.root, params_file)
         view = TokenizerView(params.image_size, params.crop_scale)
         train_set = ClassificationDataset(read_imagefolder(root, params.data.train_split), view,
@@ -54,11 +118,12 @@ def run(params_file: Path, out_dir: Path, quiet: bool = False, device: str = "au
                             params.image_size, params.kl_weight, params.temperature_start)
         steps = params.epochs * (len(train_set) // (params.batch_size * env.world_size))
         task = DVAETask("dvae", model, steps, params.temperature_start, params.temperature_end)
-        options = RunOptions(**{**params.run.model_dump(), "discard_stale": discard_stale or params.run.discard_stale},
-                             num_workers=params.data.num_workers, quiet=quiet)
+        options = replace(params.run, discard_stale=discard_stale or params.run.discard_stale,
+                          num_workers=params.data.num_workers, quiet=quiet)
         settings = hashlib.sha256(json.dumps({**params.model_dump(mode="json"), "root": str(root)},
                                              sort_keys=True).encode()).hexdigest()[:16]
-        info = run_info("dvae", params.model_dump(mode="json"), params_file, env)
+        info = run_info("dvae", {**params.model_dump(mode="json"), "tokenizer_kind": TOKENIZER_KINDS["trained"]},
+                        params_file, env)
         metrics = train(task, train_set, schedule, options, env, out_dir, info, settings)
         if env.is_main:
             model.encoder.save_safetensors(out_dir / "tokenizer.safetensors")

@@ -1,20 +1,26 @@
-"""Stage `eval`: one protocol of the paper's Table 1 on one timm-format encoder.
+"""Stage `eval@ENCODER-PROTOCOL`: one protocol of the paper's Table 1 on one timm-format encoder.
 
 Each protocol module (`semanticmim/eval/...`) exposes `Settings` (its params, paper defaults) and
-`evaluate(encoder_dir, data_root, data_format, settings, out_dir, env, quiet) -> metrics`. This stage
-reads `eval.<protocol>` from the params file, runs it, and writes `metrics.json` with the protocol's
-full settings and the encoder's identity next to the numbers.
+`evaluate(encoder_dir, data_root, data_format, settings, out_dir, env, quiet) -> {"metrics", "run"}`
+(numbers only; everything else). This stage
+reads `eval.<protocol>` from the params file — its `data: {root, format}` says what to evaluate on, the
+rest is the protocol's settings —, runs it, and writes `metrics.json` (numbers only, what `dvc metrics`
+shows) and `run.json` (the resolved settings, the encoder's identity, the data, versions and commit).
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
-from semanticmim.config import read_section, validate
 from semanticmim.engine import distributed
 from semanticmim.engine.progress import write_json_atomic
 from semanticmim.errors import InputError
+from semanticmim.settings import Strict
+from stages.common import run_info
+from stages.params import read_section, resolve_path, validate
 
 PROTOCOLS = {
     "linear-cls": "semanticmim.eval.linear",
@@ -25,25 +31,56 @@ PROTOCOLS = {
 FORMATS = ("imagefolder", "imagenet", "voc", "ade20k", "pairs")
 
 
-def run(protocol: str, encoder_dir: Path, data_root: Path, data_format: str, params_file: Path, out_dir: Path,
-        quiet: bool = False, device: str = "auto", discard_stale: bool = False) -> dict:
-    if protocol not in PROTOCOLS:
+class EvalData(Strict):
+    """`eval.<protocol>.data`: the dataset a protocol reads (paths relative to the project root)."""
+
+    root: Path
+    format: Literal["imagefolder", "imagenet", "voc", "ade20k", "pairs"]
+
+
+def protocol_name(protocol: str) -> str:
+    """`linear-cls` and `linear_cls` (its params key, the DAG's matrix axis) name the same protocol."""
+    name = protocol.replace("_", "-")
+    if name not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}")
-    if data_format not in FORMATS:
-        raise InputError(f"unknown --format {data_format!r}; expected one of {FORMATS}")
+    return name
+
+
+def read_data(values: dict, params_file: Path, key: str, data_root: Path | None,
+              data_format: str | None) -> tuple[Path, str]:
+    """The dataset: `--data/--format` when given, else the params' `eval.<protocol>.data`."""
+    given = values.pop("data", None)
+    if data_root is not None and data_format is not None:
+        if data_format not in FORMATS:
+            raise InputError(f"unknown --format {data_format!r}; expected one of {FORMATS}")
+        return data_root, data_format
+    if given is None:
+        raise InputError(f"{params_file}: eval.{key} has no `data: {{root, format}}`; add it or give --data and "
+                         "--format")
+    data = validate(EvalData, given, params_file, f"eval.{key}.data")
+    return (data_root or resolve_path(data.root, params_file)), (data_format or data.format)
+
+
+def run(protocol: str, encoder_dir: Path, data_root: Path | None, data_format: str | None, params_file: Path,
+        out_dir: Path, quiet: bool = False, device: str = "auto", discard_stale: bool = False) -> dict:
+    protocol = protocol_name(protocol)
     module = importlib.import_module(PROTOCOLS[protocol])
     key = protocol.replace("-", "_")
-    values = read_section(params_file, "eval").get(key) or {}
+    values = dict(read_section(params_file, "eval").get(key) or {})
+    data_root, data_format = read_data(values, params_file, key, data_root, data_format)
     settings = validate(module.Settings, values, params_file, f"eval.{key}")
     if discard_stale:
-        settings = settings.model_copy(update={"run": settings.run.model_copy(update={"discard_stale": True})})
+        settings = settings.model_copy(update={"run": replace(settings.run, discard_stale=True)})
     env = distributed.setup(device)
     try:
-        metrics = module.evaluate(encoder_dir, data_root, data_format, settings, out_dir, env, quiet)
-        metrics = {**metrics, "protocol": protocol, "settings": settings.model_dump(mode="json"),
-                   "data": {"root": str(data_root), "format": data_format}}
+        results = module.evaluate(encoder_dir, data_root, data_format, settings, out_dir, env, quiet)
+        metrics, details = results["metrics"], results["run"]  # the protocols' contract: numbers, the rest
         if env.is_main:
+            info = run_info(f"eval {protocol}", {"settings": settings.model_dump(mode="json"), **details,
+                                                "data": {"root": str(data_root), "format": data_format},
+                                                "encoder_dir": str(encoder_dir)}, params_file, env)
+            write_json_atomic(out_dir / "run.json", info)
             write_json_atomic(out_dir / "metrics.json", metrics)
-        return metrics
+        return {"metrics": metrics, "run": details}
     finally:
         distributed.teardown()

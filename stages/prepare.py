@@ -4,10 +4,32 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from semanticmim.config import DataPrepareParams, load_section, resolve_path
+from pydantic import Field, PositiveInt, model_validator
+
 from semanticmim.data.embedded import generate_embedded
 from semanticmim.data.inspect import write_manifest
+from semanticmim.settings import Strict
+from stages.params import load_section, resolve_path
+
+
+class DataPrepareParams(Strict):
+    """The `data` section: write the embedded dataset, or a manifest of an external one."""
+
+    kind: Literal["embedded", "imagefolder", "imagenet", "voc", "ade20k", "pairs"] = "embedded"
+    out: Path = Path("data/embedded")  # embedded: the dataset folder; external: the manifest JSON
+    root: Path | None = None  # external datasets only
+    image_size: int = Field(64, ge=16, le=512)
+    train: PositiveInt = 5000
+    val: PositiveInt = 1000
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_root(self) -> DataPrepareParams:
+        if self.kind != "embedded" and self.root is None:
+            raise ValueError(f"kind {self.kind!r} needs `root`, the dataset folder")
+        return self
 
 
 def run(params_file: Path) -> str:

@@ -8,36 +8,85 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, PositiveFloat, PositiveInt
 from torch.utils.data import default_collate
 
-from semanticmim.config import PretrainParams, Recipe, load_section, resolve_path
 from semanticmim.data.layouts import ClassificationDataset, read_imagefolder
 from semanticmim.data.loader import sample_seed, seeded_rngs
 from semanticmim.data.shards import ShardDataset
-from semanticmim.data.transforms import BeitTwoView, CropFlip, MocoTwoView
 from semanticmim.engine import distributed
-from semanticmim.engine.loop import RunOptions, Schedule, plan_batches, train
-from semanticmim.engine.tasks import MIMTask, MoCoTask, WithMasks, to_device
+from semanticmim.engine.loop import RunOptions, to_device, train
 from semanticmim.errors import InputError
-from semanticmim.models import VARIANTS, EncoderConfig, MaskGenerator, build_variant
+from semanticmim.methods import (
+    METHODS,
+    PretrainRecipe,
+    build_task,
+    build_transform,
+    encoder_config,
+    method,
+    resolve_recipe,
+)
+from semanticmim.methods.registry import recipe_sources
+from semanticmim.methods.tasks import MIMTask
 from semanticmim.models.export import export_timm
-from semanticmim.models.factory import hog_dim, load_model, read_model_header
-from semanticmim.models.mocov3 import MoCoConfig, MoCoV3
+from semanticmim.models.factory import load_model, read_model_header
+from semanticmim.settings import Strict
 from semanticmim.targets import DalleTokenizer, HOGTarget
 from semanticmim.viz.reconstruction import hog_reconstructions, token_reconstructions
 from stages.common import run_info
+from stages.params import DataParams, load_section, resolve_path
 
 
-def pretrain_transform(variant: str, recipe: Recipe, img_size: int):
-    """The variant's augmentation (DESIGN §3): BEiT two views, MaskFeat crop+flip, MoCo v3 two views."""
-    if variant.startswith("beit"):
-        return BeitTwoView(img_size, recipe.crop_scale, recipe.color_jitter, recipe.hflip)
-    if variant.startswith("maskfeat"):
-        return CropFlip(img_size, recipe.crop_scale, recipe.hflip)
-    return MocoTwoView(img_size, recipe.crop_scale)
+class ModelParams(Strict):
+    """The encoder's shape (ViT-B/16 at paper scale). The block style comes from the method; K and the drop
+    path from the variant's recipe (`semanticmim.methods`)."""
+
+    img_size: PositiveInt = 224
+    patch_size: PositiveInt = 16
+    embed_dim: PositiveInt = 768
+    depth: PositiveInt = 12
+    num_heads: PositiveInt = 12
+    mlp_ratio: PositiveFloat = 4.0
+
+
+class HOGParams(Strict):
+    nbins: PositiveInt = 9
+    cell_size: PositiveInt | None = None  # None: patch_size / 2 (8 px at 16-px patches)
+
+
+VariantName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+
+
+class PretrainParams(Strict):
+    """The `pretrain` section: the encoder shape, data, run settings, targets, the profile's recipe values
+    common to every variant (`recipe`: any `PretrainRecipe` field) and per-variant values
+    (`variants.<name>.<field>`). What a profile leaves unset is the paper's (the method registry,
+    `semanticmim.methods`). dvc.yaml tracks `recipe` and `variants.<name>` separately, so changing one
+    variant reruns only that variant's stages."""
+
+    model: ModelParams = ModelParams()
+    data: DataParams = DataParams()
+    run: RunOptions = RunOptions()
+    hog: HOGParams = HOGParams()
+    tokenizer: Path = Path("runs/dvae/tokenizer.safetensors")  # BEiT's dVAE (own or imported OpenAI)
+    recipe: dict[str, Any] = Field(default_factory=dict)
+    variants: dict[VariantName, dict[str, Any]] = Field(default_factory=dict)
+
+    def resolve(self, variant: str) -> PretrainRecipe:
+        """The variant's recipe: the paper's (registry) <- the profile's `recipe` <- `variants[variant]`."""
+        method(variant)
+        resolve_recipe(variant, self.recipe, location="pretrain.recipe")  # a bad common value is named as such
+        return resolve_recipe(variant, self.recipe, self.variants.get(variant, {}), f"pretrain.variants.{variant}")
+
+    def check(self) -> None:
+        """Resolve every variant's recipe now, so a bad value fails before any stage runs."""
+        for variant in METHODS:
+            self.resolve(variant)
 
 
 def pretrain_dataset(params: PretrainParams, params_file: Path, transform, out_dir: Path):
@@ -49,23 +98,19 @@ def pretrain_dataset(params: PretrainParams, params_file: Path, transform, out_d
     return ClassificationDataset(split, transform, skip_report=out_dir / "skipped.jsonl", lazy_decode=True)
 
 
-def build_task(variant: str, params: PretrainParams, recipe: Recipe, params_file: Path, total_steps: int):
-    encoder = EncoderConfig(block=VARIANTS[variant].block, num_proxy=recipe.num_proxy or 1, **params.model.model_dump())
-    if variant == "mocov3":
-        model = MoCoV3(MoCoConfig(encoder, recipe.mlp_dim, recipe.out_dim, recipe.temperature))
-        return MoCoTask(variant, model, total_steps, recipe.base_momentum)
-    if VARIANTS[variant].target == "hog":
-        cell = params.hog.cell_size or encoder.patch_size // 2
-        hog = HOGTarget(params.hog.nbins, cell, encoder.patch_size, encoder.patch_size)
-        model = build_variant(variant, encoder, recipe.num_proxy, hog_dim(encoder.patch_size, cell, params.hog.nbins))
-        return MIMTask(variant, model, hog=hog)
+def targets_for(variant: str, params: PretrainParams, params_file: Path, patch_size: int) -> dict:
+    """The target inputs `build_task` needs: a HOGTarget, or the tokenizer (and our dVAE's decoder)."""
+    target = method(variant).target
+    if target == "hog":
+        cell = params.hog.cell_size or patch_size // 2
+        return {"hog": HOGTarget(params.hog.nbins, cell, patch_size, patch_size)}
+    if target != "dvae":
+        return {}
     tokenizer_path = resolve_path(params.tokenizer, params_file)
     if not tokenizer_path.is_file():
         raise InputError(f"{tokenizer_path}: tokenizer not found; run `semanticmim targets train-dvae` "
                          "or `semanticmim targets import-dalle` first (pretrain.tokenizer)")
-    tokenizer = DalleTokenizer.load(tokenizer_path)
-    model = build_variant(variant, encoder, recipe.num_proxy, tokenizer.vocab_size)
-    return MIMTask(variant, model, tokenizer=tokenizer, decoder=dvae_beside(tokenizer_path))
+    return {"tokenizer": DalleTokenizer.load(tokenizer_path), "decoder": dvae_beside(tokenizer_path)}
 
 
 def dvae_beside(tokenizer_path: Path) -> torch.nn.Module | None:
@@ -96,45 +141,63 @@ def save_reconstructions(task: MIMTask, dataset, seed: int, path: Path, count: i
         token_reconstructions(images, visible, masked, target, prediction, path, task.decoder)
 
 
-def settings_fingerprint(variant: str, params: PretrainParams, recipe: Recipe, params_file: Path) -> str:
+def fingerprint_of(variant: str, params: PretrainParams, recipe: PretrainRecipe, params_file: Path) -> str:
     """What a checkpoint must share with a run to be resumed by it: variant, recipe, model, data, seed,
     target settings and the tokenizer's content."""
-    settings = {"variant": variant, "recipe": recipe.model_dump(mode="json"),
-                **params.model_dump(mode="json", include={"model", "data", "hog", "run"})}
+    settings = {"variant": variant, "recipe": asdict(recipe),
+                **params.model_dump(mode="json", include={"model", "data", "hog"})}
     settings["run"] = {"seed": params.run.seed}
     settings["data"] = {"root": str(resolve_path(params.data.root, params_file)), "split": params.data.train_split}
     tokenizer = resolve_path(params.tokenizer, params_file)
-    if VARIANTS[variant].target == "dvae" and tokenizer.is_file():
+    if method(variant).target == "dvae" and tokenizer.is_file():
         settings["tokenizer_sha256"] = hashlib.sha256(tokenizer.read_bytes()).hexdigest()
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def tokenizer_identity(variant: str, params: PretrainParams, params_file: Path) -> dict | None:
+    """Which tokenizer a BEiT run predicts: its sha256 and kind (our dVAE stage's, or an imported one)."""
+    if method(variant).target != "dvae":
+        return None
+    path = resolve_path(params.tokenizer, params_file)
+    beside = path.with_name("run.json")  # the dvae stage records which tokenizer it wrote
+    recorded = json.loads(beside.read_text()).get("params", {}).get("tokenizer_kind") if beside.is_file() else None
+    kind = recorded or "unknown: no run.json of the dvae stage beside it"
+    return {"path": str(params.tokenizer), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "kind": kind}
+
+
+def decay_everything(recipe: PretrainRecipe, device: torch.device):
+    """Official MoCo v3: AdamW decays every parameter (no exclusions); None: the engine's default groups."""
+    if not recipe.decay_all:
+        return None
+    return lambda model: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0,
+                                           betas=recipe.betas, eps=recipe.eps, weight_decay=recipe.weight_decay,
+                                           fused=device.type in ("cpu", "cuda"))
 
 
 def run(variant: str, params_file: Path, out_dir: Path, quiet: bool = False, device: str = "auto",
         discard_stale: bool = False) -> dict:
     params = load_section(params_file, "pretrain")
-    recipe = params.recipe(variant)
+    recipe = params.resolve(variant)
     env = distributed.setup(device)
     try:
-        transform = pretrain_transform(variant, recipe, params.model.img_size)
-        if recipe.mask_ratio is not None:
-            num_patches = (params.model.img_size // params.model.patch_size) ** 2
-            transform = WithMasks(transform, MaskGenerator(num_patches, recipe.mask_ratio, recipe.img_mask_ratio))
+        shape = params.model.model_dump()
+        encoder = encoder_config(method(variant), shape, recipe)
+        transform = build_transform(variant, recipe, encoder.img_size, encoder.num_patches)
         dataset = pretrain_dataset(params, params_file, transform, out_dir)
-        schedule = Schedule(
-            epochs=recipe.epochs, batch_size=recipe.batch_size, effective_batch=recipe.effective_batch,
-            lr=0.0, min_lr=recipe.min_lr, warmup_epochs=recipe.warmup_epochs, weight_decay=recipe.weight_decay,
-            betas=recipe.betas, eps=recipe.eps, clip_grad=recipe.clip_grad,
-        )
-        plan = plan_batches(schedule, len(dataset), env.world_size)
-        schedule = Schedule(**{**vars(schedule), "lr": recipe.scaled_lr(plan.global_batch)})
+        schedule, plan = recipe.plan(len(dataset), env.world_size)
+        targets = targets_for(variant, params, params_file, encoder.patch_size)
+        # seeded after the targets are built, so the initial weights depend on the seed alone
         torch.manual_seed(params.run.seed)  # the same initial weights on every rank and every rerun
-        task = build_task(variant, params, recipe, params_file, plan.total_steps).to(env.device)
-        options = RunOptions(**{**params.run.model_dump(), "discard_stale": discard_stale or params.run.discard_stale},
-                             num_workers=params.data.num_workers, quiet=quiet)
-        info = run_info(f"pretrain@{variant}", {**params.model_dump(mode="json"), "resolved_recipe":
-                        recipe.model_dump(mode="json"), "lr_scaled": schedule.lr}, params_file, env)
-        fingerprint = settings_fingerprint(variant, params, recipe, params_file)
-        metrics = train(task, dataset, schedule, options, env, out_dir, info, fingerprint)
+        task = build_task(variant, encoder, recipe, plan.total_steps, **targets).to(env.device)
+        options = replace(params.run, discard_stale=discard_stale or params.run.discard_stale,
+                          num_workers=params.data.num_workers, quiet=quiet)
+        info = run_info(f"pretrain@{variant}", {**params.model_dump(mode="json"), "resolved_recipe": asdict(recipe),
+                        "tokenizer_identity": tokenizer_identity(variant, params, params_file),
+                        "recipe_sources": recipe_sources(variant, params.recipe, params.variants.get(variant, {})),
+                        "lr_scaled": schedule.lr}, params_file, env)
+        fingerprint = fingerprint_of(variant, params, recipe, params_file)
+        metrics = train(task, dataset, schedule, options, env, out_dir, info, fingerprint,
+                        make_optimizer=decay_everything(recipe, env.device))
         if env.is_main:
             export_timm(out_dir / "model.safetensors", out_dir / "encoder")
             if isinstance(task, MIMTask):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from semanticmim.models import EncoderConfig, build_variant, save_model
+from semanticmim.methods import build_variant
+from semanticmim.models import EncoderConfig, save_model
 from semanticmim.models.export import export_timm
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from semanticmim.config import load_section, repo_root_of, resolve_path
 from semanticmim.errors import InputError
-from semanticmim.models import VARIANTS
+from semanticmim.methods import METHODS, resolve_recipe
+from stages.params import load_section, repo_root_of, resolve_path
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = [REPO / "params.yaml", REPO / "params" / "smoke.yaml", REPO / "params" / "paper.yaml"]
@@ -18,8 +18,8 @@ PROFILES = [REPO / "params.yaml", REPO / "params" / "smoke.yaml", REPO / "params
 @pytest.mark.parametrize("profile", [p for p in PROFILES if p.exists()], ids=lambda p: p.name)
 def test_every_profile_validates_for_every_variant(profile):
     pretrain = load_section(profile, "pretrain")
-    for variant in VARIANTS:
-        recipe = pretrain.recipe(variant)
+    for variant in METHODS:
+        recipe = pretrain.resolve(variant)
         assert recipe.num_proxy >= 1 and (recipe.mask_ratio is None) == (variant == "mocov3")
     load_section(profile, "dvae")
     load_section(profile, "data")
@@ -27,13 +27,13 @@ def test_every_profile_validates_for_every_variant(profile):
 
 def test_paper_profile_is_table_2():
     pretrain = load_section(REPO / "params" / "paper.yaml", "pretrain")
-    beit, maskfeat = pretrain.recipe("beit"), pretrain.recipe("maskfeat-semanticmim")
+    beit, maskfeat = pretrain.resolve("beit"), pretrain.resolve("maskfeat-semanticmim")
     assert (beit.lr, beit.min_lr, beit.warmup_epochs, beit.clip_grad, beit.crop_scale, beit.color_jitter) == (
         1.5e-3, 1e-5, 10, 3.0, (0.08, 1.0), 0.4)
     assert (maskfeat.lr, maskfeat.min_lr, maskfeat.warmup_epochs, maskfeat.clip_grad, maskfeat.crop_scale) == (
         1.6e-3, 1e-6, 30, 0.02, (0.5, 1.0))
     assert (maskfeat.mask_ratio, maskfeat.num_proxy, beit.mask_ratio, beit.num_proxy) == (0.6, 8, 0.4, 1)
-    assert pretrain.effective_batch == 2048 and beit.scaled_lr(1024) == pytest.approx(0.75e-3)
+    assert beit.effective_batch == 2048 and beit.scaled_lr(1024) == pytest.approx(0.75e-3)
 
 
 def write(tmp_path: Path, document) -> Path:
@@ -45,13 +45,16 @@ def write(tmp_path: Path, document) -> Path:
 @pytest.mark.parametrize(
     ("document", "message"),
     [
-        ({"pretrain": {"epochs": 0}}, "pretrain.epochs: Input should be greater than 0 (got 0)"),
-        ({"pretrain": {"lr": "fast"}}, "pretrain.lr: Input should be a valid number"),
-        ({"pretrain": {"learning_rate": 1}}, "pretrain.learning_rate: Extra inputs are not permitted"),
+        ({"pretrain": {"recipe": {"epochs": 0}}}, "pretrain.recipe.epochs: Input should be greater than 0 (got 0)"),
+        ({"pretrain": {"recipe": {"lr": "fast"}}}, "pretrain.recipe.lr: Input should be a valid number"),
+        ({"pretrain": {"recipe": {"learning_rate": 1}}}, "pretrain.recipe.learning_rate: Unexpected keyword argument"),
+        ({"pretrain": {"lr": 1e-3}}, "pretrain.lr: Extra inputs are not permitted"),
         ({"pretrain": {"model": {"depth": -1}}}, "pretrain.model.depth: Input should be greater than 0"),
         ({"pretrain": {"variants": {"mae": {}}}}, "pretrain.variants.mae: Input should be 'beit'"),
-        ({"pretrain": {"mask_ratio": 1.0}}, "pretrain.mask_ratio: Input should be less than 1"),
-        ({"pretrain": {"crop_scale": [0.9, 0.2]}}, "crop_scale must satisfy 0 < low <= high <= 1"),
+        ({"pretrain": {"variants": {"beit": {"drop_path": 1.5}}}}, "pretrain.variants.beit.drop_path: Input should be"),
+        ({"pretrain": {"model": {"drop_path": 0.1}}}, "pretrain.model.drop_path: Extra inputs are not permitted"),
+        ({"pretrain": {"recipe": {"mask_ratio": 1.0}}}, "pretrain.recipe.mask_ratio: Input should be less than 1"),
+        ({"pretrain": {"recipe": {"crop_scale": [0.9, 0.2]}}}, "crop_scale must satisfy 0 < low <= high <= 1"),
         ({"data": {"kind": "imagenet"}}, "kind 'imagenet' needs `root`"),
         ({"other": {}}, "has no 'pretrain' section"),
         ("pretrain: [unclosed", "not valid YAML"),
@@ -65,12 +68,11 @@ def test_bad_params_are_one_line_errors(tmp_path, document, message):
     assert str(tmp_path / "params.yaml") in str(error.value)
 
 
-def test_bad_variant_override_names_the_variant(tmp_path):
-    pretrain = load_section(write(tmp_path, {"pretrain": {"variants": {"beit": {"clip_grad": -1}}}}), "pretrain")
+def test_bad_variant_override_names_the_variant_before_any_stage_runs(tmp_path):
     with pytest.raises(InputError, match=r"pretrain\.variants\.beit\.clip_grad: Input should be greater than 0"):
-        pretrain.recipe("beit")
+        load_section(write(tmp_path, {"pretrain": {"variants": {"beit": {"clip_grad": -1}}}}), "pretrain")
     with pytest.raises(InputError, match="unknown variant 'mae'"):
-        pretrain.recipe("mae")
+        load_section(REPO / "params.yaml", "pretrain").resolve("mae")
 
 
 def test_missing_params_file(tmp_path):
@@ -85,3 +87,25 @@ def test_paths_are_relative_to_the_project_root(tmp_path):
     assert repo_root_of(params) == tmp_path
     assert resolve_path(Path("data/x"), params) == tmp_path / "data" / "x"
     assert resolve_path(Path("/abs/x"), params) == Path("/abs/x")
+
+
+def test_the_registry_holds_the_papers_recipes_and_profiles_override_only_what_they_state(tmp_path):
+    mocov3, maskfeat = resolve_recipe("mocov3"), resolve_recipe("maskfeat")
+    assert (mocov3.lr, mocov3.lr_batch, mocov3.weight_decay, mocov3.clip_grad, mocov3.drop_path, mocov3.decay_all) == (
+        1.5e-4, 256, 0.1, None, 0.0, True)
+    assert (maskfeat.clip_grad, maskfeat.crop_scale, maskfeat.drop_path, maskfeat.mask_ratio) == (
+        0.02, (0.5, 1.0), 0.1, 0.4)
+    document = {"pretrain": {"recipe": {"clip_grad": 1.0}, "variants": {"mocov3": {"drop_path": 0.2}}}}
+    pretrain = load_section(write(tmp_path, document), "pretrain")
+    assert pretrain.resolve("maskfeat").clip_grad == 1.0 and pretrain.resolve("maskfeat").min_lr == 1e-6
+    assert pretrain.resolve("mocov3").drop_path == 0.2 and pretrain.resolve("beit").drop_path == 0.1
+
+
+def test_the_default_profile_states_only_departures_from_the_paper():
+    """Every value a profile's `variants.<name>` sets either differs from the registry or is K / r (the
+    ablation axes, listed so that `dvc exp run -S` has a key to change)."""
+    pretrain = load_section(REPO / "params.yaml", "pretrain")
+    for name, values in pretrain.variants.items():
+        paper = METHODS[name].recipe
+        same = {k for k, v in values.items() if k in paper and paper[k] == v} - {"num_proxy", "mask_ratio"}
+        assert not same, f"{name} restates paper values {same}"

@@ -6,17 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from semanticmim.bench import run_benchmark
 from semanticmim.data.transforms import normalize
-from semanticmim.models import VARIANTS, EncoderConfig, MaskGenerator, build_variant
+from semanticmim.methods import METHODS, build_variant
+from semanticmim.models import EncoderConfig, MaskGenerator
 from semanticmim.targets import HOGTarget
+from stages.bench.steps import run_benchmark
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 TINY = EncoderConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
 
 
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "mocov3"])
+@pytest.mark.parametrize("variant", [v for v in METHODS if v != "mocov3"])
 def test_pretrain_forward_matches_cpu_and_bf16_is_close(variant):
     torch.manual_seed(0)
     model = build_variant(variant, TINY, target_dim=64 if variant.startswith("beit") else None).eval()
@@ -40,7 +41,7 @@ def test_hog_target_on_cuda_matches_cpu():
 def test_bench_vit_b_on_cuda_reports_every_variant():
     records = run_benchmark("cuda", "vit-b", batch_size=32, steps=2, rounds=1)
     names = {r["variant"] for r in records}
-    assert names == {*VARIANTS, "timm-vit"}
+    assert names == {*METHODS, "timm-vit"}
     assert all(0 < r["mfu"] < 1.2 for r in records)
 
 

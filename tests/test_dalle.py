@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from semanticmim.cli import app
 from semanticmim.errors import InputError
 from semanticmim.targets import DalleTokenizer, DalleTokenizerConfig, import_openai_pickle, map_pixels
+from stages.cli import app
 
 
 @pytest.fixture(scope="module")

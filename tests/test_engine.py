@@ -30,9 +30,11 @@ from semanticmim.engine.loop import (
     plan_batches,
     train,
 )
-from semanticmim.engine.tasks import MIMTask
 from semanticmim.errors import InputError
-from semanticmim.models import EncoderConfig, MaskGenerator, build_variant
+from semanticmim.methods import build_variant
+from semanticmim.methods.tasks import MIMTask, MoCoTask
+from semanticmim.models import EncoderConfig, MaskGenerator
+from semanticmim.models.mocov3 import momentum_at
 from semanticmim.targets import HOGTarget
 from stages import pretrain
 
@@ -49,14 +51,16 @@ def dataset_root(tmp_path_factory) -> Path:
 
 def write_params(folder: Path, root: Path, **overrides) -> Path:
     pretrain_section = {
-        "model": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "drop_path": 0.1},
+        "model": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
         "data": {"root": str(root), "num_workers": 0},
         "run": {"checkpoint_every": 2, "log_every": 1, "keep_checkpoints": 2},
-        "epochs": 2, "effective_batch": 16, "batch_size": 16, "lr": 1e-3, "lr_batch": 16, "warmup_epochs": 0.5,
-        "mlp_dim": 64, "out_dim": 16,
+        "recipe": {"drop_path": 0.1, "epochs": 2, "effective_batch": 16, "batch_size": 16, "lr": 1e-3, "lr_batch": 16,
+                   "warmup_epochs": 0.5, "mlp_dim": 64, "out_dim": 16},
     }
     for key, value in overrides.items():
         section = pretrain_section
+        if "." not in key and key not in pretrain_section:
+            key = f"recipe.{key}"  # a recipe field
         *parents, last = key.split(".")
         for parent in parents:
             section = section[parent]
@@ -116,7 +120,7 @@ def test_effective_batch_is_made_up_by_accumulation():
 
 
 def run_cli(params: Path, out: Path, variant: str = "maskfeat-semanticmim") -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "semanticmim", "pretrain", variant, "--params", str(params),
+    return subprocess.Popen([sys.executable, "-m", "stages", "pretrain", variant, "--params", str(params),
                              "--out", str(out), "--quiet", "--device", "cpu"], env=SUBPROCESS_ENV, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -125,7 +129,7 @@ def run_cli(params: Path, out: Path, variant: str = "maskfeat-semanticmim") -> s
 def shards_root(dataset_root, tmp_path_factory) -> Path:
     from typer.testing import CliRunner
 
-    from semanticmim.cli import app
+    from stages.cli import app
 
     out = tmp_path_factory.mktemp("shards") / "train"
     result = CliRunner().invoke(app, ["data", "prepare", "imagefolder", str(dataset_root), "--shards", "--out",
@@ -189,7 +193,7 @@ def test_checkpoint_of_another_variant_or_architecture_is_refused(dataset_root, 
     # what dvc.yaml asks for: a params change starts afresh instead of resuming stale weights
     metrics = pretrain.run("maskfeat", other_lr, tmp_path / "run", quiet=True, device="cpu", discard_stale=True)
     assert metrics["steps"] == 4 and metrics["img_per_s"] > 0  # trained 4 new steps, resumed none
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["params"]["lr"] == 5e-4
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["params"]["resolved_recipe"]["lr"] == 5e-4
 
 
 # ---------------------------------------------------------------------------- accumulation and failures
@@ -270,12 +274,12 @@ def test_torchrun_two_processes_match_one(dataset_root, tmp_path):
     are per process); masks and augmentations are per sample, so both runs see the same batches."""
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    single = write_params(tmp_path / "one", dataset_root, **{"model.drop_path": 0.0})
-    double = write_params(tmp_path / "two", dataset_root, batch_size=8, **{"model.drop_path": 0.0})
+    single = write_params(tmp_path / "one", dataset_root, **{"drop_path": 0.0})
+    double = write_params(tmp_path / "two", dataset_root, batch_size=8, **{"drop_path": 0.0})
     one = run_cli(single, tmp_path / "one" / "run", variant="maskfeat")
     assert one.wait(timeout=300) == 0, one.stdout.read()
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "semanticmim", "pretrain",
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "stages", "pretrain",
                           "maskfeat", "--params", str(double), "--out", str(tmp_path / "two" / "run"), "--quiet",
                           "--device", "cpu"], env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True,
                          timeout=300)
@@ -308,3 +312,23 @@ def test_a_failing_rank_does_not_hang_the_others(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=240)
     assert result.returncode != 0 and "rank 1 fails" in result.stdout + result.stderr
     assert time.time() - start < 200
+
+
+def test_mocov3_momentum_moves_once_per_optimizer_step_under_accumulation(dataset_root, tmp_path, monkeypatch):
+    """With accumulation 4 the momentum encoder is updated once per optimizer step (m, not m^4): after the
+    run, its weights equal m·old + (1 − m)·online replayed once per step from the checkpoints."""
+    params = write_params(tmp_path, dataset_root, epochs=1, effective_batch=16, batch_size=4,
+                          **{"run.checkpoint_every": 1, "run.keep_checkpoints": 10})
+    calls = []
+    original = MoCoTask.before_step
+    monkeypatch.setattr(MoCoTask, "before_step", lambda self, step: (calls.append(step), original(self, step)))
+    metrics = pretrain.run("mocov3", params, tmp_path / "run", quiet=True, device="cpu")
+    assert metrics["steps"] == 4 and calls == [0, 1, 2, 3]
+    plan = json.loads((tmp_path / "run" / "run.json").read_text())["batch_plan"]
+    assert plan["accumulation"] == 4
+    steps = [weights(path / "model.safetensors") for path in list_checkpoints(tmp_path / "run" / "checkpoints")]
+    for before, after, step in zip(steps, steps[1:], (1, 2, 3), strict=False):
+        m = momentum_at(step, 4, 0.99)
+        name = "momentum_encoder.blocks.0.mlp.fc1.weight"
+        online = before["encoder.blocks.0.mlp.fc1.weight"]
+        torch.testing.assert_close(after[name], m * before[name] + (1 - m) * online, rtol=0, atol=1e-7)

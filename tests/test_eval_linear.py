@@ -1,7 +1,8 @@
 """Classification linear probe (`semanticmim.eval.linear`) and the shared bookkeeping (`eval.metrics`):
 it reads labels from features that carry them and stays at chance on noise, trains the whole grid on
-one backbone pass, leaves the frozen backbone bitwise unchanged, resumes to the same heads, keeps the
-last epoch apart from the best one, and turns bad input into one-line errors."""
+one backbone pass through the engine's loop (both modes), leaves the frozen backbone bitwise unchanged,
+resumes to the same heads, keeps the last epoch apart from the best one, writes numbers only to its
+metrics (under its mode), and turns bad input into one-line errors."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 import yaml
 from PIL import Image
@@ -18,15 +20,15 @@ from safetensors.torch import load_file, save_file
 from support import export_tiny_encoder
 from typer.testing import CliRunner
 
-from semanticmim.cli import app
-from semanticmim.config import RunParams
 from semanticmim.data.embedded import generate_embedded
 from semanticmim.engine.distributed import DistEnv
+from semanticmim.engine.history import History
+from semanticmim.engine.loop import RunOptions
 from semanticmim.errors import InputError
 from semanticmim.eval import linear
-from semanticmim.eval import metrics as eval_metrics
 from semanticmim.eval.encoder import Encoder
-from semanticmim.eval.metrics import EpochHistory, evaluation_epochs
+from semanticmim.eval.metrics import check_numbers, fingerprint
+from stages.cli import app
 
 COLOURS = ((230, 40, 40), (40, 200, 60), (40, 60, 230), (220, 220, 40))
 runner = CliRunner()
@@ -72,12 +74,23 @@ def embedded_data(tmp_path_factory) -> Path:
 
 def settings(**overrides) -> linear.Settings:
     values = dict(epochs=3, batch_size=16, lr_batch=16, lr=1e-2, num_workers=0,
-                  run=RunParams(checkpoint_every=1000, log_every=1))
+                  run=RunOptions(checkpoint_every=1000, log_every=1))
     return linear.Settings(**{**values, **overrides})
 
 
 def probe(encoder: Path, data: Path, out: Path, **overrides) -> dict:
-    return linear.evaluate(encoder, data, "imagefolder", settings(**overrides), out, DistEnv(), quiet=True)
+    """The protocol's {"metrics", "run"}, with the metrics checked to be numbers only."""
+    result = linear.evaluate(encoder, data, "imagefolder", settings(**overrides), out, DistEnv(), quiet=True)
+    assert set(result) == {"metrics", "run"}
+    check_numbers(result["metrics"])
+    assert json.dumps(result)  # plain JSON
+    return result
+
+
+def numbers(result: dict) -> dict:
+    """The metrics of the mode that produced them (the only key of the metrics)."""
+    (mode,) = result["metrics"]
+    return result["metrics"][mode]
 
 
 # ------------------------------------------------------------------------------------------ learning
@@ -85,19 +98,26 @@ def probe(encoder: Path, data: Path, out: Path, **overrides) -> dict:
 
 def test_probe_reads_labels_carried_by_features_and_stays_at_chance_on_noise(encoder_dir, colour_data, noise_data,
                                                                               tmp_path):
-    learned = probe(encoder_dir, colour_data, tmp_path / "colour", mode="cached", epochs=15)
+    learned = numbers(probe(encoder_dir, colour_data, tmp_path / "colour", mode="cached", epochs=15))
     assert learned["top1"] >= 95 and learned["top1_cls"] >= 95 and learned["top1_patch"] >= 95
     assert "top5" not in learned  # 4 classes: top-5 is meaningless
-    noise = probe(encoder_dir, noise_data, tmp_path / "noise", mode="cached", epochs=15)
+    noise = numbers(probe(encoder_dir, noise_data, tmp_path / "noise", mode="cached", epochs=15))
     assert noise["top1"] <= 55 and noise["top1_patch"] <= 55  # chance is 25% (24 validation images)
 
 
-def test_paper_and_cached_modes_agree_on_an_easy_task(encoder_dir, colour_data, tmp_path):
+def test_paper_and_cached_modes_agree_on_an_easy_task_but_never_share_a_metric_name(encoder_dir, colour_data,
+                                                                                   tmp_path):
     paper = probe(encoder_dir, colour_data, tmp_path / "paper", mode="paper", epochs=4)
     cached = probe(encoder_dir, colour_data, tmp_path / "cached", mode="cached", epochs=4)
-    assert paper["used"]["mode"] == "paper" and cached["used"]["mode"] == "cached"
-    assert paper["top1"] >= 90 and cached["top1"] >= 90
-    assert abs(paper["top1_patch"] - cached["top1_patch"]) <= 10
+    assert paper["run"]["used"]["mode"] == "paper" and cached["run"]["used"]["mode"] == "cached"
+    # `dvc metrics diff` flattens nested keys (paper.top1 vs cached.top1): unlike numbers are never compared
+    assert set(paper["metrics"]) == {"paper"} and set(cached["metrics"]) == {"cached"}
+    assert set(paper["run"]["headline"]) == {"paper.top1"} and set(cached["run"]["headline"]) == {"cached.top1"}
+    assert numbers(paper)["top1"] >= 90 and numbers(cached)["top1"] >= 90
+    assert abs(numbers(paper)["top1_patch"] - numbers(cached)["top1_patch"]) <= 10
+    for result in (paper, cached):  # both trained by the engine: same plan, its outputs
+        assert result["run"]["batch_plan"]["total_steps"] == 4 * 64 // 16
+        assert json.loads((tmp_path / result["run"]["used"]["mode"] / "history.json").read_text())["unit"] == "epoch"
 
 
 # --------------------------------------------------------------------------------- one pass, frozen
@@ -122,13 +142,17 @@ def test_grid_trains_every_head_on_one_frozen_backbone_pass(encoder_dir, embedde
     steps, val_batches = 2 * 64 // 16, 32 // 16
     assert len(calls) == steps + val_batches  # one backbone pass per step feeds all 12 heads
     assert all(blocks == [1, 2, 3] for blocks in calls)
-    assert len(result["grid"]) == 3 * 2 * 2 and result["used"]["grid"]["heads"] == 12
-    assert result["used"]["block"] == 2  # block 7 of 12 at the depth of 3
+    run, metrics = result["run"], result["metrics"]["paper"]
+    assert len(run["grid"]) == 3 * 2 * 2 and run["used"]["grid"]["heads"] == 12
+    assert run["used"]["block"] == 2  # block 7 of 12 at the depth of 3
     for key in ("top1", "top5", "top1_cls", "top5_cls", "top1_patch", "best_epoch_top1", "best_epoch",
                 "best_epoch_top1_cls", "best_epoch_patch"):
-        assert key in result, key
-    assert result["top1"] == result["top1_cls"] == result["grid"]["block2/cls/lr0.01"]["top1"]
-    assert result["timing"]["backbone_images"] == steps * 16 + 32
+        assert key in metrics, key
+    assert "grid" not in metrics and "used" not in metrics  # diagnostics and settings go to run.json
+    assert metrics["top1"] == metrics["top1_cls"] == run["grid"]["block2/cls/lr0.01"]["top1"]
+    assert run["headline"] == {"paper.top1": metrics["top1"], "paper.top5": metrics["top5"]}
+    assert run["timing"]["backbone_images"] == steps * 16 + 32
+    assert run["used"]["grid"]["lrs_scaled"] == [1e-3, 1e-2]  # lr_batch 16 = the global batch: unscaled
     # the frozen backbone: eval mode, no gradients, weights bitwise those of the file
     encoder = captured[0]
     assert not encoder.model.training and not any(p.requires_grad for p in encoder.model.parameters())
@@ -144,23 +168,29 @@ def test_grid_trains_every_head_on_one_frozen_backbone_pass(encoder_dir, embedde
     assert (curves / "eval" / "block2" / "cls" / "lr0.01" / "top1.tsv").is_file()
 
 
-def test_paper_mode_resumes_to_the_same_heads(encoder_dir, embedded_data, tmp_path, monkeypatch):
-    whole = probe(encoder_dir, embedded_data, tmp_path / "whole", epochs=2)
-    log_curves = eval_metrics.log_curves
+@pytest.mark.parametrize(("mode", "task"), [("paper", linear.ProbeTask), ("cached", linear.CachedProbeTask)])
+def test_both_modes_resume_to_the_same_heads(mode, task, encoder_dir, embedded_data, tmp_path, monkeypatch):
+    whole = probe(encoder_dir, embedded_data, tmp_path / "whole", mode=mode, epochs=2)
+    original = task.loss
 
-    def killed_after_first_evaluation(*args, **kwargs):
-        log_curves(*args, **kwargs)
-        raise KeyboardInterrupt
+    def interrupted(self, module, batch, step):
+        if step == 5:  # the second step of epoch 2 (4 steps per epoch), after the first evaluation
+            raise KeyboardInterrupt
+        return original(self, module, batch, step)
 
-    monkeypatch.setattr(eval_metrics, "log_curves", killed_after_first_evaluation)
+    monkeypatch.setattr(task, "loss", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        probe(encoder_dir, embedded_data, tmp_path / "resumed", epochs=2)
-    monkeypatch.setattr(eval_metrics, "log_curves", log_curves)
-    resumed = probe(encoder_dir, embedded_data, tmp_path / "resumed", epochs=2)
+        probe(encoder_dir, embedded_data, tmp_path / "resumed", mode=mode, epochs=2)
+    monkeypatch.setattr(task, "loss", original)
+    evaluations = []
+    evaluate_heads = linear.evaluate_heads
+    monkeypatch.setattr(linear, "evaluate_heads", lambda *a, **k: evaluations.append(1) or evaluate_heads(*a, **k))
+    resumed = probe(encoder_dir, embedded_data, tmp_path / "resumed", mode=mode, epochs=2)
+    assert len(evaluations) == 1  # epoch 1's evaluation is not repeated
     a = load_file(str(tmp_path / "whole" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert all(torch.equal(a[name], b[name]) for name in a)
-    assert resumed["top1"] == whole["top1"] and resumed["best_epoch"] == whole["best_epoch"]
+    assert resumed["metrics"] == whole["metrics"]
 
 
 def test_cached_features_are_extracted_once(encoder_dir, embedded_data, tmp_path, monkeypatch):
@@ -169,25 +199,52 @@ def test_cached_features_are_extracted_once(encoder_dir, embedded_data, tmp_path
     calls = []
     monkeypatch.setattr(Encoder, "block_tokens", lambda self, images, blocks: calls.append(1))
     rerun = probe(encoder_dir, embedded_data, tmp_path / "out", mode="cached", epochs=2)  # all done already
-    assert rerun["top1"] == first["top1"] and rerun["grid"] == first["grid"]
+    assert rerun["metrics"] == first["metrics"] and rerun["run"]["grid"] == first["run"]["grid"]
     shutil.rmtree(tmp_path / "out" / "checkpoints")  # another recipe (these checkpoints would be refused)
     other_lr = probe(encoder_dir, embedded_data, tmp_path / "out", mode="cached", epochs=2, lr=3e-3)
-    assert not calls and other_lr["used"]["lr"] == 3e-3  # trained on the cached features, no backbone pass
+    assert not calls and other_lr["run"]["used"]["lr"] == 3e-3  # trained on the cached features, no backbone pass
 
 
 # ------------------------------------------------------------------------------------- bookkeeping
 
 
-def test_headline_is_the_last_epoch_and_the_best_is_labelled(tmp_path):
-    history = EpochHistory.load(tmp_path / "history.json", "abc")
+def test_headline_is_the_last_epoch_and_the_best_is_labelled_under_the_mode():
+    history = History(unit="epoch")
     for epoch, top1 in ((1, 50.0), (2, 70.0), (3, 60.0)):
-        history.record(epoch, {"head/top1": top1, "head/top5": top1 + 20})
-    summary = history.summary("head/", ["top1", "top5"], "top1", suffix="_cls")
-    assert summary == {"top1_cls": 60.0, "top5_cls": 80.0, "best_epoch_top1_cls": 70.0, "best_epoch_top5_cls": 90.0,
-                       "best_epoch_cls": 2}
-    assert EpochHistory.load(tmp_path / "history.json", "abc").records == history.records
-    assert EpochHistory.load(tmp_path / "history.json", "other settings").records == []
-    assert evaluation_epochs(10, 3) == [3, 6, 9, 10] and evaluation_epochs(2, 5) == [2]
+        history.record(epoch, {"block2/cls/lr0.01/top1": top1, "block2/patch/lr0.01/top1": top1 - 10})
+    specs = [linear.HeadSpec(2, "cls", 0.01), linear.HeadSpec(2, "patch", 0.01)]
+    metrics, details = linear.summarise(history, settings(lr=0.01, mode="cached"), specs, block=2, num_classes=4)
+    assert metrics == {"cached": {"top1": 60.0, "best_epoch_top1": 70.0, "best_epoch": 2,
+                                  "top1_cls": 60.0, "best_epoch_top1_cls": 70.0, "best_epoch_cls": 2,
+                                  "top1_patch": 50.0, "best_epoch_top1_patch": 60.0, "best_epoch_patch": 2}}
+    assert details["headline_head"] == {"head": "block2/cls/lr0.01", "epoch": 3, "mode": "cached"}
+    assert details["grid"]["block2/patch/lr0.01"] == {"top1": 50.0, "best_epoch_top1": 60.0, "best_epoch": 2}
+    check_numbers(metrics)
+    with pytest.raises(TypeError, match="numbers only"):
+        check_numbers({"cached": metrics["cached"], "used": {"mode": "cached"}})
+
+
+def test_one_fingerprint_ignores_how_a_run_executes_but_not_what_it_computes():
+    base = fingerprint(settings(), encoder="abc")
+    same = settings(num_workers=4, eval_every=3, batch_per_device=8,
+                    run=RunOptions(checkpoint_every=7, log_every=5, keep_checkpoints=1, quiet=True, num_workers=3))
+    assert fingerprint(same, encoder="abc") == base and len(base) == 16
+    for other in (settings(lr=2e-2), settings(mode="cached"), settings(run=RunOptions(seed=1))):
+        assert fingerprint(other, encoder="abc") != base
+    assert fingerprint(settings(), encoder="other weights") != base
+
+
+def test_features_are_normalised_with_the_encoders_own_mean_and_std(encoder_dir, tmp_path):
+    folder = shutil.copytree(encoder_dir, tmp_path / "encoder")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "mean": [0.5] * 3, "std": [0.25] * 3}))
+    encoder = linear.load_encoder(folder)
+    seen = []
+    encoder.block_tokens = lambda images, blocks: seen.append(images) or [(images.new_zeros(1, 2, 32),
+                                                                           images.new_zeros(1, 16, 32))]
+    pixels = torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)
+    linear.ProbeFeatures(encoder, [(1, "cls")], layer_norm=True)(pixels)
+    torch.testing.assert_close(seen[0], torch.full((1, 3, 32, 32), 2.0))  # (1 - 0.5) / 0.25, not ImageNet's
 
 
 # -------------------------------------------------------------------------------------- bad input
@@ -228,7 +285,8 @@ def test_weights_that_do_not_match_the_architecture(encoder_dir, tmp_path):
         probe(folder, tmp_path, tmp_path / "out")
 
 
-@pytest.mark.parametrize("problem", ["num_classes", "val_class", "empty_val", "grid_block", "format"])
+@pytest.mark.parametrize("problem", ["num_classes", "val_class", "empty_val", "grid_block", "format", "one_class",
+                                     "img_size"])
 def test_bad_data_and_settings_are_one_line_input_errors(problem, encoder_dir, colour_data, tmp_path):
     data, overrides, fmt = colour_data, {}, "imagefolder"
     if problem == "num_classes":
@@ -244,10 +302,34 @@ def test_bad_data_and_settings_are_one_line_input_errors(problem, encoder_dir, c
         expected = "no images found"
     elif problem == "grid_block":
         overrides, expected = {"grid_blocks": [4]}, "grid_blocks=4 is outside the encoder's blocks 1..3"
+    elif problem == "one_class":
+        data = tmp_path / "data"
+        for split in ("train", "val"):
+            shutil.copytree(colour_data / split / "class0", data / split / "class0")
+        expected = r"split 'train' has 1 class \['class0'\]; a classifier needs at least 2"
+    elif problem == "img_size":
+        overrides, expected = {"img_size": 36}, "eval.linear_cls.img_size=36: expected a positive multiple of the patch"
     else:
         fmt, expected = "voc", "classification protocols read imagefolder or imagenet"
     with pytest.raises(InputError, match=expected) as error:
         linear.evaluate(encoder_dir, data, fmt, settings(**overrides), tmp_path / "out", DistEnv(), quiet=True)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out" / "checkpoints").exists()  # refused up front, before any training
+
+
+def test_an_encoder_without_prefix_tokens_probes_patch_and_refuses_cls_in_one_line(colour_data, tmp_path):
+    """A timm ViT with `class_token=False, global_pool="avg"` (timm returns bare patch tensors for it)."""
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, class_token=False, global_pool="avg")
+    folder = tmp_path / "gap"
+    folder.mkdir()
+    save_file(timm.create_model("vit_tiny_patch16_224", num_classes=0, **kwargs).state_dict(),
+              str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224", "kwargs": kwargs}))
+    result = probe(folder, colour_data, tmp_path / "patch", mode="cached", epochs=1, poolings=["patch"])
+    assert set(numbers(result)) >= {"top1", "top1_patch"} and "top1_cls" not in numbers(result)
+    expected = r"eval.linear_cls.poolings: .* no prefix tokens .*poolings: \[patch\]"
+    with pytest.raises(InputError, match=expected) as error:
+        probe(folder, colour_data, tmp_path / "cls", mode="cached", epochs=1)
     assert "\n" not in str(error.value)
 
 
@@ -258,6 +340,5 @@ def test_real_cifar_jpegs(data_cifar_test, encoder_dir, tmp_path):
     """CIFAR-10's JPEG ImageFolder (its `test` folder, 20 images per class) through the cached probe."""
     result = probe(encoder_dir, data_cifar_test, tmp_path / "out", mode="cached", epochs=2, train_split="test",
                    val_split="test")
-    assert result["used"]["val"]["images"] == 200 and result["used"]["num_classes"] == 10
-    assert 0 <= result["top1"] <= 100 and "top5" in result
-    assert json.dumps(result)  # metrics are plain JSON
+    assert result["run"]["used"]["val"]["images"] == 200 and result["run"]["used"]["num_classes"] == 10
+    assert 0 <= numbers(result)["top1"] <= 100 and "top5" in numbers(result)

@@ -1,5 +1,6 @@
 """ADE20K UperNet fine-tuning (`semanticmim eval finetune-seg`): the decoder against its spec, sliding-window
-inference, the optimizer recipe, an end-to-end run with resume, and bad input as one-line errors."""
+inference, the optimizer recipe (the shared layer decay), a step-based run through the engine's loop
+with resume, numbers-only metrics, and bad input as one-line errors."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from support import export_tiny_encoder
 from torch import nn
 from typer.testing import CliRunner
 
-from semanticmim.cli import app
 from semanticmim.data.embedded import generate_embedded
+from semanticmim.engine.distributed import DistEnv
+from semanticmim.engine.history import evaluation_points
 from semanticmim.eval.encoder import load_encoder
+from semanticmim.eval.metrics import check_numbers
 from semanticmim.eval.segmentation import upernet
 from semanticmim.eval.segmentation.inference import slide_inference, whole_inference, window_starts
+from stages.cli import app
 
 runner = CliRunner()
 FAST = {
@@ -99,11 +103,14 @@ def test_uperhead_matches_the_mmseg_structure(encoder_dir):
 
 def test_layer_decay_and_no_weight_decay_groups(encoder_dir):
     model = segmenter(encoder_dir)
-    groups = upernet.layer_decay_groups(model, weight_decay=0.05, layer_decay=0.9, depth=4)
+    groups = upernet.layer_decay_groups(model, weight_decay=0.05, layer_decay=0.9)
     by_param = {id(p): g for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
     assert by_param[id(named["backbone.vit.pos_embed"])]["lr_scale"] == pytest.approx(0.9**5)
     assert by_param[id(named["backbone.vit.pos_embed"])]["weight_decay"] == 0.0
+    for token in ("cls_token", "reg_token"):  # every prefix token (class token and proxies) in the stem
+        assert by_param[id(named[f"backbone.vit.{token}"])]["lr_scale"] == pytest.approx(0.9**5), token
+        assert by_param[id(named[f"backbone.vit.{token}"])]["weight_decay"] == 0.0, token
     assert by_param[id(named["backbone.vit.blocks.0.attn.qkv.weight"])]["lr_scale"] == pytest.approx(0.9**4)
     assert by_param[id(named["backbone.vit.blocks.3.mlp.fc1.weight"])]["lr_scale"] == pytest.approx(0.9)
     assert by_param[id(named["backbone.vit.blocks.3.mlp.fc1.bias"])]["weight_decay"] == 0.0
@@ -155,11 +162,12 @@ def test_overlapping_windows_are_averaged_back_to_the_whole_image():
         torch.testing.assert_close(small, whole_inference(pixelwise, images[..., :20, :24]))
 
 
-def test_chunks_cover_the_training_images_evenly():
-    data = list(range(10))
-    chunks = [upernet.StepChunk(data, k * 8, 8) for k in range(5)]
-    seen = [chunk[i] for chunk in chunks for i in range(len(chunk))]
-    assert sorted(seen) == sorted(data * 4)
+def test_a_run_is_measured_in_steps_and_evaluates_every_interval_and_at_the_end():
+    settings = upernet.Settings.model_validate({**FAST, "steps": 10, "eval_interval": 4})  # 4 need not divide 10
+    schedule, plan = settings.schedule(num_samples=16, world_size=1)
+    assert (schedule.steps, plan.total_steps, plan.steps_per_epoch, schedule.epochs) == (10, 10, 2, 5)
+    assert schedule.lr == pytest.approx(1e-3)  # Table 4's lr at its own batch: not rescaled
+    assert evaluation_points(plan.total_steps, settings.eval_interval) == [4, 8, 10]
 
 
 # ------------------------------------------------------------------------------------ end to end
@@ -170,23 +178,25 @@ def cli_args(encoder_dir: Path, data: Path, params: Path, out: Path) -> list[str
             "--params", str(params), "--out", str(out)]
 
 
-def test_finetune_end_to_end_through_the_cli_and_resume(encoder_dir, embedded, tmp_path):
-    params = tmp_path / "params.yaml"
-    params.write_text("eval:\n  finetune_seg: " + json.dumps(FAST) + "\n")
-    args = [*cli_args(encoder_dir, embedded, params, tmp_path / "out"), "--device", "cpu", "--quiet"]
-    first = runner.invoke(app, args)
-    assert first.exit_code == 0, first.output
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert [entry["at"] for entry in metrics["evaluations"]] == [{"step": 2}, {"step": 4}]
-    assert metrics["miou"] == metrics["evaluations"][-1]["miou"] and "best_miou_on_eval_set" in metrics
-    assert metrics["used"]["blocks"] == [1, 2, 3, 4] and metrics["used"]["slide_stride"] == 21
-    assert metrics["encoder"]["sha256"] and len(metrics["per_class_iou"]) == 16
-    assert (tmp_path / "out" / "dvclive" / "plots" / "metrics" / "eval" / "miou.tsv").is_file()
-    weights = (tmp_path / "out" / "model.safetensors").read_bytes()
-    again = runner.invoke(app, args)  # complete: nothing is trained or evaluated again
-    assert again.exit_code == 0, again.output
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["evaluations"] == metrics["evaluations"]
-    assert (tmp_path / "out" / "model.safetensors").read_bytes() == weights
+def test_finetune_end_to_end_and_a_rerun_trains_and_evaluates_nothing(encoder_dir, embedded, tmp_path, monkeypatch):
+    settings = upernet.Settings.model_validate(FAST)
+    out = tmp_path / "out"
+    result = upernet.evaluate(encoder_dir, embedded, "voc", settings, out, DistEnv(), quiet=True)
+    metrics, run = result["metrics"], result["run"]
+    check_numbers(metrics)
+    assert json.dumps(result)
+    assert [entry["step"] for entry in run["evaluations"]] == [2, 4] and run["evaluated_at"] == {"step": 4}
+    assert metrics["miou"] == run["evaluations"][-1]["miou"] and {"best_step_miou", "best_step"} <= set(metrics)
+    assert run["used"]["blocks"] == [1, 2, 3, 4] and run["used"]["slide_stride"] == 21
+    assert run["encoder"]["sha256"] and len(run["per_class_iou"]) == 16 and len(run["classes"]) == 16
+    assert (out / "dvclive" / "plots" / "metrics" / "eval" / "miou.tsv").is_file()
+    weights = (out / "model.safetensors").read_bytes()
+    calls = []
+    evaluate_dataset = upernet.evaluate_dataset
+    monkeypatch.setattr(upernet, "evaluate_dataset", lambda *a, **k: calls.append(1) or evaluate_dataset(*a, **k))
+    again = upernet.evaluate(encoder_dir, embedded, "voc", settings, out, DistEnv(), quiet=True)
+    assert not calls and again["metrics"] == metrics and again["run"]["evaluations"] == run["evaluations"]
+    assert (out / "model.safetensors").read_bytes() == weights
 
 
 @pytest.mark.parametrize(
@@ -194,8 +204,8 @@ def test_finetune_end_to_end_through_the_cli_and_resume(encoder_dir, embedded, t
     [
         ({"blocks": [1, 2, 3, 9]}, "blocks=9 is outside the encoder's blocks 1..4"),
         ({"num_classes": 150}, "num_classes=150 but"),
-        ({"crop_size": 36}, "multiple of the patch size 8"),
-        ({"eval_interval": 3}, "eval_interval=3 must divide steps=4"),
+        ({"crop_size": 36}, "eval.finetune_seg.crop_size=36: expected a positive multiple of the patch size 8"),
+        ({"ratio_range": [2.0, 1.0]}, "ratio_range must satisfy 0 < low <= high"),
     ],
 )
 def test_bad_settings_are_one_line_cli_errors(encoder_dir, embedded, tmp_path, overrides, message):

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from semanticmim.cli import app
-from semanticmim.models import VARIANTS, EncoderConfig, build_variant, load_model, save_model
+from semanticmim.methods import METHODS, build_variant
+from semanticmim.models import EncoderConfig, load_model, save_model
+from stages.cli import app
 
 TINY = EncoderConfig(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4)
 runner = CliRunner()
@@ -27,7 +28,7 @@ def export(model, tmp_path):
     return timm_model.eval()
 
 
-@pytest.mark.parametrize(("variant", "num_proxy"), [(name, k) for name in sorted(VARIANTS) for k in (1, 8)
+@pytest.mark.parametrize(("variant", "num_proxy"), [(name, k) for name in sorted(METHODS) for k in (1, 8)
                                                      if not (name == "mocov3" and k == 8)])
 def test_timm_gives_the_same_features(variant, num_proxy, tmp_path):
     torch.manual_seed(0)
@@ -71,7 +72,7 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     save_model(small, tmp_path / "m.safetensors")
     wider = build_variant("maskfeat", EncoderConfig(**{**TINY.to_dict(), "embed_dim": 64}))
     from semanticmim.errors import InputError
-    from semanticmim.models.factory import load_state_strict
+    from semanticmim.serialization import load_state_strict
 
     with pytest.raises(InputError, match="has shape"):
         load_state_strict(wider, load_file(tmp_path / "m.safetensors"), "m.safetensors")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from semanticmim.cli import app
 from semanticmim.data.inspect import inspect_dataset, write_manifest
 from semanticmim.errors import InputError
+from stages.cli import app
 
 runner = CliRunner()
 

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from semanticmim.cli import app
 from semanticmim.data.decode import EncodedImage
-from semanticmim.data.photos import write_photo_jpegs
 from semanticmim.errors import InputError
+from stages.bench.photos import write_photo_jpegs
+from stages.cli import app
 
 runner = CliRunner()
 

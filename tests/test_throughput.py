@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from semanticmim.data.decode import EncodedImage
-from semanticmim.data.throughput import PIPELINES, collect_images, measure_pipelines
 from semanticmim.data.transforms import normalize
 from semanticmim.errors import InputError
+from stages.bench.data import PIPELINES, collect_images, measure_pipelines
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CIFAR_TEST = SHARED / "data" / "cifar10" / "test.tar.gz"

@@ -29,7 +29,6 @@ _EXPORTS = {
     ),
     "loader": ("build_loader", "sample_seed", "seed_everything", "seeded_rngs", "set_epoch"),
     "shards": ("INDEX_NAME", "ShardDataset", "write_shards"),
-    "throughput": ("PIPELINES", "collect_images", "measure_pipelines"),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

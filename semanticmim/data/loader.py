@@ -3,7 +3,7 @@
 Map-style datasets: the sampler yields `(epoch, index)` and every sample is produced right after
 seeding torch, numpy and `random` from (seed, epoch, index). A sample's augmentation therefore does
 not depend on the number of workers, on which worker drew it, or on whether training was resumed,
-which is what bitwise resume (DESIGN §8) needs. Iterable datasets (the shard reader) get their epoch
+which is what bitwise resume needs. Iterable datasets (the shard reader) get their epoch
 through their own `set_epoch` and seed themselves the same way.
 """
 

@@ -1,4 +1,4 @@
-"""Augmentation recipes of the paper (DESIGN §3), each sized by `img_size` (the paper uses 224).
+"""Augmentation recipes of the paper (docs/recipes.md), each sized by `img_size` (the paper uses 224).
 
 Every image transform takes a decoded RGB `PIL.Image` or an `EncodedImage`. Given an `EncodedImage`,
 a transform samples its crop box on the file's size first and then decodes the JPEG at the strongest

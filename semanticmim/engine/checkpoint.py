@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from semanticmim.errors import InputError
-from semanticmim.models.factory import load_state_strict, model_config, model_kind, read_model_header, save_model
+from semanticmim.serialization import load_state_strict, model_config, model_kind, read_model_header, save_model
 
 PREFIX = "step_"
 

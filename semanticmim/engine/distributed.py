@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 from dataclasses import dataclass, field
 
@@ -54,3 +55,35 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value
+
+
+def shard_bounds(count: int, env: DistEnv) -> list[int]:
+    """Contiguous, nearly equal shards of `count` samples, one per rank."""
+    return [count * rank // env.world_size for rank in range(env.world_size + 1)]
+
+
+def gather_shards(local: torch.Tensor, bounds: list[int], env: DistEnv, chunk: int = 65536) -> torch.Tensor:
+    """Every rank's shard (rows bounds[r]:bounds[r+1]) concatenated in rank order, on every rank (CPU)."""
+    if not env.distributed:
+        return local
+    longest = max(end - start for start, end in itertools.pairwise(bounds))
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[: len(local)] = local
+    parts: list[list[torch.Tensor]] = [[] for _ in range(env.world_size)]
+    for start in range(0, max(longest, 1), chunk):  # chunks bound the device memory the gather needs
+        piece = padded[start:start + chunk].to(env.device)
+        pieces = [torch.empty_like(piece) for _ in range(env.world_size)]
+        dist.all_gather(pieces, piece)
+        for rank, received in enumerate(pieces):
+            parts[rank].append(received.cpu())
+    return torch.cat([torch.cat(part)[: end - start]
+                      for part, (start, end) in zip(parts, itertools.pairwise(bounds), strict=True)])
+
+
+def all_ranks(flag: bool, env: DistEnv) -> bool:
+    """True when `flag` holds on every rank (so that all ranks take the same branch)."""
+    if not env.distributed:
+        return flag
+    value = torch.tensor(int(flag), device=env.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())

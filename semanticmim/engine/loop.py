@@ -7,28 +7,31 @@ clipping, the per-step lr, mixed precision, checkpoints and resume, logging, and
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
+from pydantic import ConfigDict, NonNegativeInt, PositiveInt
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from semanticmim.data.loader import build_loader, sample_seed, set_epoch
-from semanticmim.engine.checkpoint import StaleCheckpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from semanticmim.engine.checkpoint import PREFIX, StaleCheckpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from semanticmim.engine.distributed import DistEnv, all_reduce_mean
+from semanticmim.engine.history import History, Unit, evaluation_points
 from semanticmim.engine.optim import build_adamw, build_schedule
-from semanticmim.engine.progress import Reporter
+from semanticmim.engine.progress import Reporter, write_json_atomic
+from semanticmim.engine.recipe import Plan, Schedule, plan_batches
 from semanticmim.engine.timing import PhaseTimer
-from semanticmim.errors import InputError
-from semanticmim.models.factory import save_model
+from semanticmim.serialization import save_model
 
 
 class TrainingDiverged(RuntimeError):
@@ -48,66 +51,33 @@ class Task(Protocol):
         """Move what the task owns besides `model` (targets) to `device`."""
         ...
 
-
-@dataclass(frozen=True)
-class Schedule:
-    """How long and how hard to train; the lr is already scaled to the global batch."""
-
-    epochs: int
-    batch_size: int  # per device
-    effective_batch: int
-    lr: float
-    min_lr: float
-    warmup_epochs: float
-    weight_decay: float
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    clip_grad: float | None = None
+    # optional: `before_step(step)`, called once per optimizer step before its first micro-batch
+    # (MoCo v3's momentum update: once per step, whatever the gradient accumulation)
 
 
 @dataclass(frozen=True)
 class RunOptions:
+    """How a training run executes, not what it computes (params: a stage's `run` section)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # pydantic validates this dataclass in params files
+
     seed: int = 0
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    amp: str = "auto"
+    checkpoint_every: PositiveInt = 500  # optimizer steps
+    keep_checkpoints: PositiveInt = 3
+    log_every: PositiveInt = 10
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False
-    num_workers: int = 2
-    quiet: bool = False
-    discard_stale: bool = False  # delete checkpoints of other settings instead of refusing them
     profile: bool = False  # on CUDA: synchronise around step phases to report where time goes
+    discard_stale: bool = False  # delete checkpoints of other settings instead of refusing them (dvc.yaml)
+    num_workers: NonNegativeInt = 2  # set by the stage from its data section (data.num_workers / num_workers)
+    quiet: bool = False  # set by the stage from --quiet
 
 
-@dataclass
-class Plan:
-    """Batch arithmetic, derived once and recorded in the outputs."""
-
-    per_device_batch: int
-    world_size: int
-    accumulation: int
-    global_batch: int
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-    notes: list[str] = field(default_factory=list)
-
-
-def plan_batches(schedule: Schedule, num_samples: int, world_size: int) -> Plan:
-    """Accumulation makes the per-device batch up to the recipe's effective batch."""
-    per_step = schedule.batch_size * world_size
-    accumulation = max(1, round(schedule.effective_batch / per_step))
-    global_batch = per_step * accumulation
-    notes = []
-    if global_batch != schedule.effective_batch:
-        notes.append(f"effective batch {global_batch} differs from the recipe's {schedule.effective_batch} "
-                     f"({schedule.batch_size} per device x {world_size} devices x {accumulation} accumulation)")
-    steps_per_epoch = num_samples // world_size // (schedule.batch_size * accumulation)
-    if steps_per_epoch < 1:
-        raise InputError(f"dataset has {num_samples} images, fewer than one global batch of {global_batch}")
-    total = steps_per_epoch * schedule.epochs
-    warmup = round(schedule.warmup_epochs * steps_per_epoch)
-    return Plan(schedule.batch_size, world_size, accumulation, global_batch, steps_per_epoch, total, warmup, notes)
+def to_device(batch, device: torch.device):
+    """A tensor, or nested tuples/lists of tensors, moved to `device` (non-blocking)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    return type(batch)(to_device(item, device) for item in batch)
 
 
 def share_cpu_with_workers(env: DistEnv, num_workers: int) -> None:
@@ -155,19 +125,38 @@ def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip_grad:
     return norm
 
 
+@dataclass
+class Evaluation:
+    """What the loop evaluates while it trains, and when: `run()` (which puts the model in eval mode and
+    back, on every rank) after every `every`-th epoch or optimizer step, and always at the end. Results go
+    to `out_dir/history.json` (kept across resumes), dvclive (`eval/*`) and the returned metrics."""
+
+    run: Callable[[], dict[str, float]]
+    every: int = 1
+    unit: Unit = "epoch"
+
+
+FINAL_METRICS = "final_metrics.json"  # beside the checkpoints: a rerun that finds the run done reuses them
+
+
 def train(task: Task, dataset: Dataset, schedule: Schedule, options: RunOptions, env: DistEnv, out_dir: Path,
-          run_info: dict | None = None, settings: str = "",
+          run_info: dict | None = None, fingerprint: str = "",
           make_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
-          make_lr_schedule: Callable[[torch.optim.Optimizer, Plan], Any] | None = None) -> dict:
+          make_lr_schedule: Callable[[torch.optim.Optimizer, Plan], Any] | None = None,
+          evaluate: Evaluation | None = None) -> dict:
     """Train `task.model` on `dataset`; resume from `out_dir/checkpoints` when there is one.
 
-    `settings` fingerprints everything that defines the run (recipe, data, seed): a checkpoint is
+    `fingerprint` identifies everything that defines the run (recipe, data, seed): a checkpoint is
     only resumed by a run with the same fingerprint. By default the optimizer is the pretraining AdamW
     and the lr follows warmup + cosine; evaluation protocols pass their own (`make_optimizer(model)`,
-    `make_lr_schedule(optimizer, plan)` returning an object with `step_update(step)`).
+    `make_lr_schedule(optimizer, plan)` returning an object with `step_update(step)`) and an `evaluate`
+    hook. The run lasts `schedule.epochs` epochs, or `schedule.steps` optimizer steps when set.
 
-    Returns the final metrics (also in `metrics.json`); raises TrainingDiverged on a NaN loss and
-    re-raises KeyboardInterrupt after saving a checkpoint.
+    Every output is written even when the run is already complete (a rerun by `dvc repro` after its
+    outputs were removed): the model and `metrics.json` (the finished run's, kept beside the
+    checkpoints); the dvclive folder persists beside the checkpoints (dvc.yaml) and is reset with
+    them. Returns the final metrics, with `history` (the evaluations) when `evaluate` is given;
+    raises TrainingDiverged on a NaN loss and re-raises KeyboardInterrupt after saving a checkpoint.
     """
     plan = plan_batches(schedule, dataset_size(dataset, env), env.world_size)
     share_cpu_with_workers(env, options.num_workers)
@@ -179,25 +168,40 @@ def train(task: Task, dataset: Dataset, schedule: Schedule, options: RunOptions,
     lr_schedule = (make_lr_schedule or (lambda o, p: build_schedule(o, p.total_steps, p.warmup_steps,
                                                                     schedule.min_lr)))(optimizer, plan)
     reporter = Reporter(out_dir, env.is_main, options.quiet, run_info=run_info, plan=plan)
-    step, loss = resume(out_dir / "checkpoints", model, optimizer, task.name, settings, options.discard_stale,
+    step, loss = resume(out_dir / "checkpoints", model, optimizer, task.name, fingerprint, options.discard_stale,
                         reporter.warn)
     reporter.open_live(resumed=step > 0)
     loader = build_loader(dataset, plan.per_device_batch, shuffle=True, num_workers=options.num_workers,
                           seed=options.seed, drop_last=True, distributed=env.distributed)
-    run = Run(task, plan, schedule, options, env, out_dir, settings, optimizer, lr_schedule, reporter,
-              PhaseTimer(env.device, options.profile), wrap_model(model, env), step, loss)
+    history = (History.load(out_dir / "history.json", fingerprint, evaluate.unit) if evaluate is not None
+               else None)
+    run = Run(task, plan, schedule, options, env, out_dir, fingerprint, optimizer, lr_schedule, reporter,
+              PhaseTimer(env.device, options.profile), wrap_model(model, env), step, loss, evaluate, history)
     start_time, start_step = time.perf_counter(), step
     try:
-        for epoch in range(step // plan.steps_per_epoch, schedule.epochs):
+        run.evaluate_if_due()  # a kill between the checkpoint and its evaluation
+        for epoch in range(step // plan.steps_per_epoch, math.ceil(plan.total_steps / plan.steps_per_epoch)):
             run.train_epoch(loader, epoch)
     except KeyboardInterrupt:
         run.checkpoint()
         reporter.close()
         raise
-    metrics = run.metrics(time.perf_counter() - start_time, start_step)
+    metrics = finished_metrics(run, time.perf_counter() - start_time, start_step)
     if env.is_main:
         save_model(model, out_dir / "model.safetensors")
     reporter.close(metrics)
+    return {**metrics, "history": history} if history is not None else metrics
+
+
+def finished_metrics(run: Run, seconds: float, start_step: int) -> dict:
+    """The run's metrics; for a run that was already complete, those it recorded when it finished."""
+    saved = run.out_dir / "checkpoints" / FINAL_METRICS
+    if start_step == run.plan.total_steps and saved.is_file():
+        return json.loads(saved.read_text())["metrics"]
+    metrics = run.metrics(seconds, start_step)
+    if run.env.is_main and start_step < run.plan.total_steps:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(saved, {"fingerprint": run.fingerprint, "metrics": metrics})
     return metrics
 
 
@@ -211,7 +215,7 @@ class Run:
     options: RunOptions
     env: DistEnv
     out_dir: Path
-    settings: str
+    fingerprint: str
     optimizer: torch.optim.Optimizer
     lr_schedule: Any
     reporter: Reporter
@@ -219,6 +223,8 @@ class Run:
     module: nn.Module  # the model, DDP-wrapped under torchrun
     step: int = 0
     last_loss: float = float("nan")
+    evaluation: Evaluation | None = None
+    history: History | None = None
 
     def __post_init__(self) -> None:
         self.forward_module = torch.compile(self.module) if self.options.compile else self.module
@@ -246,11 +252,43 @@ class Run:
                                    self.plan.global_batch / (time.perf_counter() - tick), self.options.log_every)
             if self.step % self.options.checkpoint_every == 0 or self.step == self.plan.total_steps:
                 self.checkpoint()
+            if self.evaluation is not None and self.evaluation.unit == "step":
+                self.evaluate_if_due()
+            if self.step == self.plan.total_steps:
+                break
         self.reporter.end_epoch(epoch, self.last_loss)
+        if self.evaluation is not None and self.evaluation.unit == "epoch":
+            self.evaluate_if_due()
+
+    def evaluation_point(self) -> int | None:
+        """The epoch (or step) just completed, if the evaluation is due there and not yet recorded."""
+        if self.evaluation is None or self.history is None or self.step == 0:
+            return None
+        if self.evaluation.unit == "epoch":
+            if self.step % self.plan.steps_per_epoch and self.step != self.plan.total_steps:
+                return None
+            at, total = math.ceil(self.step / self.plan.steps_per_epoch), self.schedule.epochs
+        else:
+            at, total = self.step, self.plan.total_steps
+        due = at in evaluation_points(total, self.evaluation.every)
+        return at if due and at not in self.history.points else None
+
+    def evaluate_if_due(self) -> None:
+        at = self.evaluation_point()
+        if at is None:
+            return
+        values = self.evaluation.run()
+        self.history.record(at, values, write=self.env.is_main)
+        self.reporter.log_values(self.step, values, "eval/")
+        newest = list_checkpoints(self.out_dir / "checkpoints")
+        if not newest or newest[-1].name != f"{PREFIX}{self.step:08d}":
+            self.checkpoint()  # so that a resumed run starts from the weights this evaluation saw
 
     def train_step(self, group: list) -> float:
         """One optimizer step over the micro-batches in `group`; returns the gradient norm."""
         self.lr_schedule.step_update(self.step)
+        if hasattr(self.task, "before_step"):
+            self.task.before_step(self.step)
         try:
             with self.timer("forward_backward"):
                 loss = accumulate(self.task, self.module, self.forward_module, group, self.step, self.env,
@@ -270,7 +308,7 @@ class Run:
 
     def checkpoint(self) -> None:
         if self.env.is_main:
-            state = {"variant": self.task.name, "settings": self.settings, "loss": self.last_loss,
+            state = {"variant": self.task.name, "settings": self.fingerprint, "loss": self.last_loss,
                      "epoch": self.step // self.plan.steps_per_epoch}
             save_checkpoint(self.out_dir / "checkpoints", self.step, self.task.model, self.optimizer, state,
                             self.options.keep_checkpoints)
@@ -305,7 +343,7 @@ def accumulate(task: Task, module: nn.Module, forward_module: nn.Module, group: 
     return total
 
 
-def resume(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, name: str, settings: str,
+def resume(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, name: str, fingerprint: str,
            discard_stale: bool, reporter_warn) -> tuple[int, float]:
     """Load the newest checkpoint, if any; return the step to continue from and its loss.
 
@@ -315,7 +353,7 @@ def resume(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
     if not checkpoints:
         return 0, float("nan")
     try:
-        state = load_checkpoint(checkpoints[-1], model, optimizer, name, settings)
+        state = load_checkpoint(checkpoints[-1], model, optimizer, name, fingerprint)
     except StaleCheckpoint as error:
         if not discard_stale:
             raise

@@ -68,6 +68,14 @@ class Reporter:
             for name, value in (("loss", loss), ("lr", lr), ("grad_norm", grad_norm), ("img_per_s", img_per_s)):
                 self.live.log_metric(f"train/{name}", value if math.isfinite(value) else 0.0)
 
+    def log_values(self, step: int, values: dict[str, float], prefix: str) -> None:
+        """Curves other than the training step's (e.g. `eval/top1`) at `step`."""
+        if self.live is None:
+            return
+        self.live.step = step
+        for name, value in values.items():
+            self.live.log_metric(f"{prefix}{name}", value)
+
     def end_epoch(self, epoch: int, loss: float) -> None:
         if not self.active:
             return

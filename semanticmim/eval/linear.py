@@ -6,6 +6,7 @@ pooled — `cls` = mean of the K prefix (proxy) token outputs, `patch` = mean of
 put through a parameter-free LayerNorm and read by a Linear head. AdamW lr 4e-3 at batch 1024 (scaled
 linearly with the global batch), wd 1e-4, per-step cosine, 100 epochs, random-resized crop (0.08, 1) +
 flip. Evaluation: resize S·256/224, centre crop S, top-1/top-5 (top-5 with more than 5 classes).
+Images are normalised with the encoder's own mean/std (config.json; ImageNet's by default).
 
 All heads train together on one pass of the backbone, as DINOv2's linear evaluation does: every
 (block, pooling, lr) of the grid `({block} ∪ grid_blocks) × poolings × ({lr} ∪ grid_lrs)` is a Linear
@@ -13,23 +14,30 @@ head fed from the same forward pass, and the loss is the sum of the heads' losse
 parameters, so each trains exactly as it would alone; the `train/loss` curve is that sum). Table 1's
 two linear columns cost one backbone pass.
 
-Modes:
-- `paper`: augmented training images, the backbone runs at every step (the paper's protocol); trained
-  by the engine (resumable, DDP, dvclive, rich progress).
+Modes — both trained by the engine's one loop (resumable, DDP, dvclive, rich progress), with the same
+batch plan, AdamW, per-step cosine and an evaluation every `eval_every` epochs:
+- `paper`: augmented training images, the backbone runs at every step (the paper's protocol).
 - `cached`: the backbone runs once over unaugmented train images (resize + centre crop) and the heads
   train on the cached features in memory — many times faster, not the paper's protocol (no
-  augmentation); `used.mode` says which one produced the numbers.
+  augmentation). The loop's dataset is then the row indices of the cached features (every rank holds
+  them all) and the task's loss runs the heads on those rows; the rows come in the loop's seeded
+  order (its sampler: a permutation per epoch from seed + epoch), not the per-epoch `randperm` of the
+  former hand-written loop, so cached numbers differ (within noise) from those of earlier versions.
 In both modes the validation features are extracted once (they are deterministic) and cached on disk
 (`OUT/features/`) with the train features of `cached` mode, so a resumed run does not recompute them.
 
-Metrics: `top1`/`top5` = the LAST epoch of the paper-protocol head (`block`, `lr`, `cls` pooling, or
-the first of `poolings` without `cls`); `top1_cls`/`top1_patch` (+ top-5) = Table 1's two columns;
-`best_epoch_top1`, `best_epoch` (and `_cls`/`_patch` variants) = the best epoch on the evaluation
-split, labelled as such; `grid` = every head's numbers, a labelled diagnostic; `used` = every setting
-actually used; `encoder` = the encoder's identity (weights path + sha256).
+Result `{"metrics", "run"}`. The metrics are nested under the mode — `paper.top1` or `cached.top1` in
+`dvc metrics show` — so that `dvc metrics diff` never compares a cached number with a paper-protocol
+one (a key that one side lacks shows as added/removed). Under the mode: `top1`/`top5` = the LAST epoch
+of the paper-protocol head (`block`, `lr`, `cls` pooling, or the first of `poolings` without `cls`);
+`top1_cls`/`top1_patch` (+ top-5) = Table 1's two columns; `best_epoch_top1`, `best_epoch` (and
+`_cls`/`_patch` variants) = the best epoch on the evaluation split, labelled as such. run: `grid` =
+every head's numbers (a labelled diagnostic), `used` = every setting actually used, `encoder` = the
+encoder's identity (weights path + sha256), timing.
 
-Outputs in OUT: metrics.json (by the stage), history.json (per-epoch results), model.safetensors (the
-heads), checkpoints/, dvclive/ (train/* and eval/* curves), features/, run.json, skipped.jsonl.
+Outputs in OUT: metrics.json and run.json (by the stage), history.json (per-epoch results),
+model.safetensors (the heads), checkpoints/, dvclive/ (train/* and eval/* curves), features/,
+skipped.jsonl.
 
 Evaluating a third-party timm ViT: make an export folder by hand with `config.json` =
 `{"architecture": "vit_base_patch16_224", "kwargs": {"img_size": 224, "global_pool": "token"}}` and the
@@ -41,48 +49,41 @@ Its prefix tokens (class token, registers) make the `cls` feature; a model witho
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from semanticmim.config import RunParams
-from semanticmim.data.layouts import ClassificationDataset, ClassificationSplit, SkipLog, read_split
-from semanticmim.data.transforms import ClassifierEval, CropFlip, normalize
-from semanticmim.engine.checkpoint import save_checkpoint
-from semanticmim.engine.distributed import DistEnv
-from semanticmim.engine.loop import Plan, RunOptions, Schedule, autocast_for, plan_batches, resume
-from semanticmim.engine.optim import build_schedule
-from semanticmim.engine.tasks import to_device
-from semanticmim.errors import InputError
+from semanticmim.data.layouts import ClassificationDataset, ClassificationSplit, SkipLog
+from semanticmim.data.transforms import ClassifierEval, CropFlip
+from semanticmim.engine.distributed import DistEnv, all_ranks, gather_shards, shard_bounds
+from semanticmim.engine.history import History
+from semanticmim.engine.loop import Evaluation, Plan, RunOptions, autocast_for, to_device, train
+from semanticmim.engine.recipe import CropScale, Recipe, check_crop_scale
 from semanticmim.eval.encoder import Encoder, load_encoder
 from semanticmim.eval.metrics import (
     ClassificationAccuracy,
-    Curves,
-    EpochHistory,
-    evaluation_epochs,
+    fingerprint,
     progress_bar,
+    protocol_result,
     top_k_names,
-    train_with_evaluation,
 )
-from semanticmim.models.factory import save_model
-from semanticmim.schema import Strict
+from semanticmim.eval.splits import read_splits
+from semanticmim.settings import Strict
 
 Pooling = Literal["cls", "patch"]
 BlockChoice = PositiveInt | Literal["last"]
+KEY = "eval.linear_cls"
 LAYER_NORM_EPS = 1e-6  # the encoders' own LayerNorm eps
 PAPER_BLOCK, PAPER_DEPTH = 7, 12  # [paper §4.3] block 7 of ViT-B's 12
 
@@ -97,7 +98,7 @@ class Settings(Strict):
     poolings: tuple[Pooling, ...] = ("cls", "patch")  # Table 1's "Linear CLS" and "Linear Patch" columns
     feature_norm: Literal["layernorm", "none"] = "layernorm"  # [paper] parameter-free LayerNorm before the head
     epochs: PositiveInt = 100  # Table 5
-    batch_size: PositiveInt = 1024  # Table 5: global batch (accumulation makes it up in paper mode)
+    batch_size: PositiveInt = 1024  # Table 5: global batch (accumulation makes it up)
     batch_per_device: PositiveInt | None = None  # what fits; None: batch_size / world size
     lr: PositiveFloat = 4e-3  # Table 5, AdamW; stated for `lr_batch`, scaled linearly with the global batch
     lr_batch: PositiveInt = 1024  # the batch `lr` is stated for (Table 5)
@@ -105,7 +106,7 @@ class Settings(Strict):
     warmup_epochs: float = Field(0.0, ge=0.0)  # Table 5 states no warmup
     weight_decay: float = Field(1e-4, ge=0.0)  # Table 5 (on the head weights, not biases)
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW defaults (not stated)
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # Table 5: random-resized crop + flip 0.5 (paper mode)
+    crop_scale: CropScale = (0.08, 1.0)  # Table 5: random-resized crop + flip 0.5 (paper mode)
     img_size: PositiveInt | None = None  # None: the encoder's own input size (224 at paper scale)
     grid_blocks: tuple[BlockChoice, ...] = ()  # diagnostic: more blocks trained on the same pass
     grid_lrs: tuple[PositiveFloat, ...] = ()  # diagnostic: more lrs (stated for `lr_batch` like `lr`)
@@ -114,75 +115,30 @@ class Settings(Strict):
     val_split: str = "val"  # CIFAR-10's folder is "test"
     eval_every: PositiveInt = 1  # epochs between evaluations; the last epoch is always evaluated
     num_workers: NonNegativeInt = 2  # data loading processes
-    run: RunParams = RunParams()  # seed, checkpoints, logging, amp
+    run: RunOptions = RunOptions()  # seed, checkpoints, logging, amp
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        low, high = self.crop_scale
-        if not 0.0 < low <= high <= 1.0:
-            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        check_crop_scale(self.crop_scale)
         if not self.poolings or len(set(self.poolings)) != len(self.poolings):
             raise ValueError(f"poolings must list cls and/or patch once each, got {self.poolings}")
         return self
 
+    def per_device(self, world_size: int) -> int:
+        return self.batch_per_device or max(1, self.batch_size // world_size)
 
-# ------------------------------------------------------------------------------- data and classes
+    def recipe(self, world_size: int, lr: float | None = None) -> Recipe:
+        """The engine's recipe type for this probe (`lr`: a grid head's, stated for `lr_batch` too)."""
+        return Recipe(epochs=self.epochs, effective_batch=self.batch_size, batch_size=self.per_device(world_size),
+                      lr=lr or self.lr, lr_batch=self.lr_batch, min_lr=self.min_lr, warmup_epochs=self.warmup_epochs,
+                      weight_decay=self.weight_decay, betas=self.betas, clip_grad=None, crop_scale=self.crop_scale)
 
 
-def read_classification_splits(data_format: str, data_root: Path, train_split: str, val_split: str,
-                               num_classes: int | None, key: str) -> tuple[ClassificationSplit, ClassificationSplit]:
-    """Train and evaluation splits that share one class list; `num_classes` (a setting) must match it.
-
-    A class in the evaluation split that train lacks, an empty split or a wrong layout is a one-line
-    InputError (the readers raise most of them)."""
-    if data_format not in ("imagefolder", "imagenet"):
-        raise InputError(f"--format {data_format}: classification protocols read imagefolder or imagenet layouts")
-    train = read_split(data_format, data_root, train_split)
-    val = read_split(data_format, data_root, val_split)
-    if val.classes != train.classes:
-        unknown = sorted(set(val.classes) - set(train.classes)) or sorted(set(train.classes) - set(val.classes))
-        raise InputError(f"{data_root}: split {val_split!r} has {len(val.classes)} classes but {train_split!r} has "
-                         f"{len(train.classes)} (e.g. {unknown[:3]}); both must share the head's classes")
-    if num_classes is not None and num_classes != len(train.classes):
-        raise InputError(f"{key}.num_classes={num_classes} but {Path(data_root) / train_split} has "
-                         f"{len(train.classes)} classes")
-    return train, val
+# ------------------------------------------------------------------------------------------- data
 
 
 def resolved_img_size(encoder: Encoder) -> int:
     return int(encoder.model.patch_embed.img_size[0])
-
-
-def shard_bounds(count: int, env: DistEnv) -> list[int]:
-    """Contiguous, nearly equal shards of `count` samples, one per rank."""
-    return [count * rank // env.world_size for rank in range(env.world_size + 1)]
-
-
-def gather_shards(local: torch.Tensor, bounds: list[int], env: DistEnv, chunk: int = 65536) -> torch.Tensor:
-    """Every rank's shard (rows bounds[r]:bounds[r+1]) concatenated in rank order, on every rank (CPU)."""
-    if not env.distributed:
-        return local
-    longest = max(end - start for start, end in itertools.pairwise(bounds))
-    padded = local.new_zeros((longest, *local.shape[1:]))
-    padded[: len(local)] = local
-    parts: list[list[torch.Tensor]] = [[] for _ in range(env.world_size)]
-    for start in range(0, max(longest, 1), chunk):  # chunks bound the device memory the gather needs
-        piece = padded[start:start + chunk].to(env.device)
-        pieces = [torch.empty_like(piece) for _ in range(env.world_size)]
-        dist.all_gather(pieces, piece)
-        for rank, received in enumerate(pieces):
-            parts[rank].append(received.cpu())
-    return torch.cat([torch.cat(part)[: end - start]
-                      for part, (start, end) in zip(parts, itertools.pairwise(bounds), strict=True)])
-
-
-def all_ranks(flag: bool, env: DistEnv) -> bool:
-    """True when `flag` holds on every rank (so that all ranks take the same branch)."""
-    if not env.distributed:
-        return flag
-    value = torch.tensor(int(flag), device=env.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
 
 
 # ------------------------------------------------------------------------------ features and heads
@@ -213,8 +169,8 @@ class HeadSpec:
 
 class ProbeFeatures:
     """The frozen encoder as the heads' input: uint8 images (B, 3, H, W), normalised here on their
-    device -> (B, S, D), one slot per (block, pooling) in `slots`, pooled and (by default) through a
-    parameter-free LayerNorm. One backbone pass serves every slot."""
+    device with the encoder's mean/std -> (B, S, D), one slot per (block, pooling) in `slots`, pooled
+    and (by default) through a parameter-free LayerNorm. One backbone pass serves every slot."""
 
     def __init__(self, encoder: Encoder, slots: list[tuple[int, str]], layer_norm: bool):
         self.encoder, self.slots, self.layer_norm = encoder, slots, layer_norm
@@ -226,7 +182,8 @@ class ProbeFeatures:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        outputs = dict(zip(self.blocks, self.encoder.block_tokens(normalize(images), self.blocks), strict=True))
+        tokens = self.encoder.block_tokens(self.encoder.normalize(images), self.blocks)
+        outputs = dict(zip(self.blocks, tokens, strict=True))
         features = torch.stack([pool(*outputs[block], pooling) for block, pooling in self.slots], 1).float()
         if self.layer_norm:
             features = F.layer_norm(features, features.shape[-1:], eps=LAYER_NORM_EPS)
@@ -256,12 +213,11 @@ def heads_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().transpose(1, 2), labels[:, None].expand(-1, heads)) * heads
 
 
-def heads_optimizer(heads: LinearHeads, specs: list[HeadSpec], lr_scale: float, settings: Settings,
+def heads_optimizer(heads: LinearHeads, lrs: list[float], settings: Settings,
                     device: torch.device) -> torch.optim.AdamW:
-    """AdamW with each head's own lr (its base lr × `lr_scale`, the batch scaling); wd on weights only."""
+    """AdamW with each head's own lr (`lrs`, already scaled to the global batch); wd on weights only."""
     groups = []
-    for head, spec in zip(heads.heads, specs, strict=True):
-        lr = spec.lr * lr_scale
+    for head, lr in zip(heads.heads, lrs, strict=True):
         groups += [{"params": [head.weight], "lr": lr, "weight_decay": settings.weight_decay},
                    {"params": [head.bias], "lr": lr, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, betas=settings.betas, fused=device.type in ("cpu", "cuda"))
@@ -274,13 +230,12 @@ def plan_heads(settings: Settings, encoder: Encoder) -> tuple[list[HeadSpec], li
             return max(1, math.floor(PAPER_BLOCK * encoder.depth / PAPER_DEPTH + 0.5))
         return encoder.depth if block == "last" else encoder.check_block(int(block), key)
 
-    block = resolve(settings.block, "eval.linear_cls.block")
-    blocks = [block] + [b for b in (resolve(g, "eval.linear_cls.grid_blocks") for g in settings.grid_blocks)
+    block = resolve(settings.block, f"{KEY}.block")
+    blocks = [block] + [b for b in (resolve(g, f"{KEY}.grid_blocks") for g in settings.grid_blocks)
                         if b != block]
     lrs = [settings.lr] + [lr for lr in settings.grid_lrs if lr != settings.lr]
-    if "cls" in settings.poolings and encoder.num_prefix_tokens == 0:
-        raise InputError("eval.linear_cls.poolings: 'cls' needs prefix (class/proxy) tokens and this encoder "
-                         "has none; use poolings: [patch]")
+    if "cls" in settings.poolings:
+        encoder.require_prefix(f"{KEY}.poolings", "poolings: [patch]")
     specs = [HeadSpec(b, p, lr) for b in dict.fromkeys(blocks) for p in settings.poolings for lr in lrs]
     slots = list(dict.fromkeys(spec.slot for spec in specs))
     return specs, slots, block
@@ -367,180 +322,129 @@ class ProbeTask:
         return self
 
 
-def train_paper(task: ProbeTask, specs: list[HeadSpec], train_set: Dataset, evaluate, settings: Settings,
-                options: RunOptions, env: DistEnv, out_dir: Path, history: EpochHistory, fingerprint: str,
-                run_info: dict) -> tuple[dict, Plan]:
-    per_device = settings.batch_per_device or max(1, settings.batch_size // env.world_size)
-    schedule = Schedule(epochs=settings.epochs, batch_size=per_device, effective_batch=settings.batch_size,
-                        lr=settings.lr, min_lr=settings.min_lr, warmup_epochs=settings.warmup_epochs,
-                        weight_decay=settings.weight_decay, betas=settings.betas)
-    plan = plan_batches(schedule, len(train_set), env.world_size)  # type: ignore[arg-type]
-    scale = plan.global_batch / settings.lr_batch
-    metrics = train_with_evaluation(
-        task, train_set, schedule, options, env, out_dir, history, evaluate, fingerprint,
-        make_optimizer=lambda heads: heads_optimizer(heads, specs, scale, settings, env.device),
-        make_lr_schedule=lambda optimizer, whole: build_schedule(optimizer, whole.total_steps, whole.warmup_steps,
-                                                                 settings.min_lr),
-        run_info=run_info, eval_every=settings.eval_every)
-    return metrics, plan
+@dataclass
+class CachedProbeTask:
+    """Cached mode for the engine: the loop's dataset is the row indices (N,) of the cached `features`
+    (N, S, D) and `labels` (N,), held in memory on every rank; each step runs every head on its rows."""
 
+    model: LinearHeads
+    features: torch.Tensor
+    labels: torch.Tensor
+    name: str = "linear-probe-cached"
 
-# ----------------------------------------------------------------------------------- cached mode
+    def loss(self, module: nn.Module, batch, step: int) -> torch.Tensor:
+        (rows,) = batch
+        device = next(self.model.parameters()).device
+        return heads_loss(module(self.features[rows].to(device, non_blocking=True)), self.labels[rows].to(device))
 
-
-def train_cached(heads: LinearHeads, specs: list[HeadSpec], features: torch.Tensor, labels: torch.Tensor,
-                 evaluate, settings: Settings, options: RunOptions, env: DistEnv, out_dir: Path,
-                 history: EpochHistory, fingerprint: str) -> tuple[dict, Plan]:
-    """Train the heads on cached features in memory: the same AdamW, per-step cosine and batch as
-    paper mode, a seeded permutation per epoch, checkpoints at every evaluation (resumable). Every
-    rank holds all features and trains the same heads; rank 0 writes."""
-    batch = settings.batch_size
-    steps_per_epoch = len(features) // batch
-    if steps_per_epoch < 1:
-        raise InputError(f"dataset has {len(features)} images, fewer than one global batch of {batch}")
-    plan = Plan(batch, 1, 1, batch, steps_per_epoch, steps_per_epoch * settings.epochs,
-                round(settings.warmup_epochs * steps_per_epoch))
-    heads.to(env.device)
-    optimizer = heads_optimizer(heads, specs, batch / settings.lr_batch, settings, env.device)
-    lr_schedule = build_schedule(optimizer, plan.total_steps, plan.warmup_steps, settings.min_lr)
-    step, _ = resume(out_dir / "checkpoints", heads, optimizer, "linear-probe-cached", fingerprint,
-                     options.discard_stale, print)
-    start, tick, loss_sum = step, time.perf_counter(), torch.zeros((), device=env.device)
-    curves = Curves(out_dir / "dvclive", env.is_main, resume=step > 0)
-    with progress_bar("linear probe (cached)", env.is_main and not options.quiet) as bar:
-        task = bar.add_task("epochs", total=settings.epochs, completed=step // steps_per_epoch)
-        for epoch in range(step // steps_per_epoch, settings.epochs):
-            order = torch.randperm(len(features), generator=torch.Generator().manual_seed(options.seed + epoch))
-            for index in range(steps_per_epoch):
-                lr_schedule.step_update(step)
-                rows = order[index * batch:(index + 1) * batch]
-                with autocast_for(env.device, options.amp):
-                    loss = heads_loss(heads(features[rows].to(env.device)), labels[rows].to(env.device))
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach()
-                step += 1
-            bar.advance(task)
-            if epoch + 1 in evaluation_epochs(settings.epochs, settings.eval_every):
-                values = evaluate()
-                history.record(epoch + 1, values, write=env.is_main)
-                mean_loss = float(loss_sum) / max(step - start, 1)  # summed over heads, as in paper mode
-                loss_sum.zero_()
-                start = step
-                curves.log(step, {"loss": mean_loss, "lr": optimizer.param_groups[0]["lr"]}, prefix="train/")
-                curves.log(step, values, prefix="eval/")
-                if env.is_main:
-                    save_checkpoint(out_dir / "checkpoints", step, heads, optimizer,
-                                    {"variant": "linear-probe-cached", "settings": fingerprint, "epoch": epoch + 1,
-                                     "loss": mean_loss}, options.keep_checkpoints)
-    curves.close()
-    if env.is_main:
-        save_model(heads, out_dir / "model.safetensors")
-    seconds = time.perf_counter() - tick
-    return {"steps": step, "wall_time_s": seconds}, plan
+    def to(self, device: torch.device) -> CachedProbeTask:
+        return self
 
 
 # ------------------------------------------------------------------------------------- the protocol
 
 
-def fingerprint_of(settings: Settings, encoder: Encoder, data_root: Path, data_format: str) -> str:
-    """What a checkpoint, history or feature cache must share with a run to be reused by it."""
-    values = settings.model_dump(mode="json", exclude={"num_workers", "eval_every"})
-    values["run"] = {"seed": settings.run.seed, "amp": settings.run.amp}
-    values.update(encoder=encoder.identity["sha256"], data=str(Path(data_root).resolve()), format=data_format)
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def evaluate(encoder_dir: Path, data_root: Path, data_format: str, settings: Settings, out_dir: Path,
              env: DistEnv, quiet: bool) -> dict:
-    """Train the probe grid on `data_root`'s train split and evaluate it on its val split; see the module
-    docstring for the metrics returned."""
+    """Train the probe grid on `data_root`'s train split and evaluate it on its val split:
+    `{"metrics", "run"}`, see the module docstring."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    encoder = load_encoder(encoder_dir, settings.img_size)
+    encoder = load_encoder(encoder_dir, settings.img_size, size_key=f"{KEY}.img_size")
     encoder.model.requires_grad_(False).eval().to(env.device)
-    train_split, val_split = read_classification_splits(data_format, data_root, settings.train_split,
-                                                        settings.val_split, settings.num_classes, "eval.linear_cls")
+    train_split, val_split = read_splits("classification", data_format, data_root, settings.train_split,
+                                         settings.val_split, settings.num_classes, KEY)
     num_classes, img_size = len(train_split.classes), resolved_img_size(encoder)
     specs, slots, block = plan_heads(settings, encoder)
     depth = encoder.depth
     # blocks after the deepest one read are never needed: drop them (and the final norm, the head)
     encoder.model.prune_intermediate_layers([max(spec.block for spec in specs) - 1], prune_norm=True)
     features = ProbeFeatures(encoder, slots, settings.feature_norm == "layernorm")
-    options = RunOptions(**settings.run.model_dump(), num_workers=settings.num_workers, quiet=quiet)
-    fingerprint = fingerprint_of(settings, encoder, data_root, data_format)
-    history = EpochHistory.load(out_dir / "history.json", fingerprint)
-    per_device = settings.batch_per_device or max(1, settings.batch_size // env.world_size)
+    options = replace(settings.run, num_workers=settings.num_workers, quiet=quiet)
+    identity = {"encoder": encoder.identity["sha256"], "normalization": [encoder.mean, encoder.std],
+                "data": str(Path(data_root).resolve()), "format": data_format}
+    per_device = settings.per_device(env.world_size)
     skipped = out_dir / "skipped.jsonl"
 
-    def extract(split: ClassificationSplit, transform, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        dataset = ClassificationDataset(split, transform, skip_report=skipped, lazy_decode=True)
+    def extract(split: ClassificationSplit, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        dataset = ClassificationDataset(split, ClassifierEval(img_size), skip_report=skipped, lazy_decode=True)
         # what the features depend on (not the training recipe: a new lr grid reuses them)
-        key = json.dumps([encoder.identity["sha256"], str(Path(data_root).resolve()), data_format, split.name,
-                          len(split.samples), slots, img_size, settings.feature_norm, settings.run.amp])
+        key = json.dumps([identity, split.name, len(split.samples), slots, img_size, settings.feature_norm,
+                          settings.run.amp])
         return cached_features(out_dir / "features" / f"{name}.safetensors", key,
                                lambda: extract_features(features, dataset, per_device, env, options,
                                                         f"features {name}"), env)
 
     tick = time.perf_counter()
-    val_features, val_labels = extract(val_split, ClassifierEval(img_size), "val")
+    val_features, val_labels = extract(val_split, "val")
     torch.manual_seed(settings.run.seed)  # the same initial heads on every rank and every rerun
     heads = LinearHeads(specs, slots, encoder.embed_dim, num_classes).to(env.device)
+    if settings.mode == "cached":
+        train_features, train_labels = extract(train_split, "train")
+        task: ProbeTask | CachedProbeTask = CachedProbeTask(heads, train_features, train_labels)
+        train_set: Dataset = TensorDataset(torch.arange(len(train_features)))
+    else:
+        task = ProbeTask(heads, features)
+        train_set = ClassificationDataset(train_split, CropFlip(img_size, settings.crop_scale), skip_report=skipped,
+                                          lazy_decode=True)
+    extract_s = time.perf_counter() - tick
+    schedule, plan = settings.recipe(env.world_size).plan(len(train_set), env.world_size)
+    lrs = [settings.recipe(env.world_size, spec.lr).scaled_lr(plan.global_batch) for spec in specs]
 
     def evaluate_epoch() -> dict[str, float]:
         return evaluate_heads(heads, specs, val_features, val_labels, num_classes, env.device, per_device)
 
-    if settings.mode == "cached":
-        train_features, train_labels = extract(train_split, ClassifierEval(img_size), "train")
-        extract_s = time.perf_counter() - tick
-        train_metrics, plan = train_cached(heads, specs, train_features, train_labels, evaluate_epoch, settings,
-                                           options, env, out_dir, history, fingerprint)
-        backbone_images = len(train_split.samples) + len(val_split.samples)
-    else:
-        extract_s = time.perf_counter() - tick
-        train_set = ClassificationDataset(train_split, CropFlip(img_size, settings.crop_scale),
-                                          skip_report=skipped, lazy_decode=True)
-        info = {"stage": "eval linear-cls", "settings": settings.model_dump(mode="json"),
-                "encoder": encoder.identity, "world_size": env.world_size}
-        train_metrics, plan = train_paper(ProbeTask(heads, features), specs, train_set, evaluate_epoch, settings,
-                                          options, env, out_dir, history, fingerprint, info)
-        backbone_images = plan.total_steps * plan.global_batch + len(val_split.samples)
-    return {
-        **summarise(history, settings, specs, block, num_classes),
-        "used": used_settings(settings, encoder, depth, specs, block, img_size, plan, num_classes, train_split,
+    info = {"stage": "eval linear-cls", "settings": settings.model_dump(mode="json"), "encoder": encoder.identity,
+            "world_size": env.world_size}
+    trained = train(task, train_set, schedule, options, env, out_dir, run_info=info,
+                    fingerprint=fingerprint(settings, **identity),
+                    make_optimizer=lambda model: heads_optimizer(model, lrs, settings, env.device),
+                    evaluate=Evaluation(evaluate_epoch, settings.eval_every, "epoch"))
+    backbone_images = (len(train_split.samples) if settings.mode == "cached" else plan.total_steps * plan.global_batch)
+    metrics, details = summarise(trained["history"], settings, specs, block, num_classes)
+    run = {
+        **details,
+        "used": used_settings(settings, encoder, depth, specs, lrs, block, img_size, plan, num_classes, train_split,
                               val_split),
         "encoder": encoder.identity,
-        "timing": {"extract_s": extract_s, "train_s": train_metrics.get("wall_time_s", 0.0),
-                   "total_s": time.perf_counter() - started, "backbone_images": backbone_images},
+        "timing": {"extract_s": extract_s, "train_s": trained.get("wall_time_s", 0.0),
+                   "total_s": time.perf_counter() - started,
+                   "backbone_images": backbone_images + len(val_split.samples)},
+        "train": {key: trained.get(key) for key in ("final_loss", "steps", "wall_time_s", "img_per_s")},
+        "batch_plan": vars(plan),
         "skipped_images": len(SkipLog(skipped).entries()),
     }
+    names = top_k_names(num_classes)
+    return protocol_result(metrics, run, headline=[f"{settings.mode}.{name}" for name in names])
 
 
-def summarise(history: EpochHistory, settings: Settings, specs: list[HeadSpec], block: int,
-              num_classes: int) -> dict:
-    """The headline (last epoch of the paper-protocol head), Table 1's cls/patch columns by name, the
-    best epochs labelled as such, and the whole grid as a diagnostic."""
+def summarise(history: History, settings: Settings, specs: list[HeadSpec], block: int,
+              num_classes: int) -> tuple[dict, dict]:
+    """(metrics, details): the headline (last epoch of the paper-protocol head), Table 1's cls/patch
+    columns by name and the best epochs labelled as such, all under the mode; the whole grid as a
+    diagnostic."""
     names = top_k_names(num_classes)
     headline = HeadSpec(block, "cls" if "cls" in settings.poolings else settings.poolings[0], settings.lr)
-    metrics = history.summary(f"{headline.name}/", names, "top1")
+    numbers = history.summary(f"{headline.name}/", names, "top1")
     for pooling in settings.poolings:
         spec = HeadSpec(block, pooling, settings.lr)
-        metrics.update(history.summary(f"{spec.name}/", names, "top1", suffix=f"_{pooling}"))
-    return {
-        **metrics,
-        "headline": {"head": headline.name, "epoch": history.last()["epoch"],
-                     "note": "top1/top5: last epoch of the paper-protocol head; best_epoch_*: the best epoch on "
-                             "the evaluation split itself (optimistic, a diagnostic)"},
+        numbers.update(history.summary(f"{spec.name}/", names, "top1", suffix=f"_{pooling}"))
+    details = {
+        "headline_head": {"head": headline.name, "epoch": int(history.last()["epoch"]), "mode": settings.mode},
+        "notes": {"headline": f"{settings.mode}.top1/top5: last epoch of the paper-protocol head; best_epoch_*: "
+                              "the best epoch on the evaluation split itself (optimistic, a diagnostic); "
+                              f"mode {settings.mode}: "
+                              + ("the paper's protocol" if settings.mode == "paper" else
+                                 "features cached once without augmentation, not the paper's protocol")},
         "grid": {spec.name: history.summary(f"{spec.name}/", names, "top1") for spec in specs},
     }
+    return {settings.mode: numbers}, details
 
 
-def used_settings(settings: Settings, encoder: Encoder, depth: int, specs: list[HeadSpec], block: int, img_size: int,
-                  plan: Plan, num_classes: int, train_split: ClassificationSplit,
+def used_settings(settings: Settings, encoder: Encoder, depth: int, specs: list[HeadSpec], lrs: list[float],
+                  block: int, img_size: int, plan: Plan, num_classes: int, train_split: ClassificationSplit,
                   val_split: ClassificationSplit) -> dict:
     """Every choice that produced the numbers, resolved (block index, lr after batch scaling, ...)."""
-    scale = plan.global_batch / settings.lr_batch
     augmentation = (f"random-resized crop {tuple(settings.crop_scale)} bicubic + flip 0.5"
                     if settings.mode == "paper" else "none: resize + centre crop, features cached once")
     return {
@@ -553,9 +457,10 @@ def used_settings(settings: Settings, encoder: Encoder, depth: int, specs: list[
         "patch_pooling": "mean of the patch token outputs",
         "features": "block output before the final norm",
         "feature_norm": "parameter-free LayerNorm (eps 1e-6)" if settings.feature_norm == "layernorm" else "none",
+        "normalization": {"mean": list(encoder.mean), "std": list(encoder.std)},
         "head": "Linear, init N(0, 0.01)",
         "optimizer": f"AdamW betas {tuple(settings.betas)}, weight decay {settings.weight_decay} (weights only)",
-        "lr": settings.lr * scale,
+        "lr": lrs[0],
         "base_lr": settings.lr,
         "lr_batch": settings.lr_batch,
         "global_batch": plan.global_batch,
@@ -566,7 +471,7 @@ def used_settings(settings: Settings, encoder: Encoder, depth: int, specs: list[
         "train_augmentation": augmentation,
         "eval_transform": f"resize {img_size * 256 // 224} bicubic + centre crop {img_size}",
         "grid": {"heads": len(specs), "blocks": sorted({spec.block for spec in specs}),
-                 "lrs": sorted({spec.lr for spec in specs}), "lrs_scaled": sorted({spec.lr * scale for spec in specs}),
+                 "lrs": sorted({spec.lr for spec in specs}), "lrs_scaled": sorted(set(lrs)),
                  "note": "all heads train on one backbone pass; only the headline head is the paper protocol"},
         "num_classes": num_classes,
         "train": {"split": train_split.name, "images": len(train_split.samples)},

@@ -1,43 +1,39 @@
-"""What every evaluation protocol shares: accuracy, per-epoch bookkeeping, and training through the
-engine with an evaluation after each epoch.
+"""What every evaluation protocol shares: accuracy, the checkpoint fingerprint, where each setting's
+value comes from, and the shape of a protocol's result.
 
-- `ClassificationAccuracy`: top-1 (and top-5 with more than 5 classes) in percent, via torchmetrics;
-  summed over ranks when each rank evaluated a shard of the evaluation split.
-- `EpochHistory`: one record of metrics per evaluated epoch, kept in a JSON file so that a resumed
-  run keeps the epochs it already evaluated. A protocol's headline is its LAST epoch; the best epoch
-  is reported next to it under `best_epoch_*` names: it is picked on the evaluation split itself, so
-  it is optimistic and never the headline (DINOv2 picks its grid's best head silently; we do not).
-- `train_with_evaluation`: the engine's `train` plus an evaluation every `eval_every` epochs.
-- `log_curves`: evaluation curves into the run's dvclive folder, next to the engine's training curves.
+Every protocol trains through the engine's one loop (`semanticmim.engine.loop.train` with an
+`Evaluation` hook); the engine's `History` keeps the evaluations (`OUT/history.json`) and its
+`summary` gives the headline — the LAST evaluation — and the best one under `best_{epoch|step}_*`
+names (picked on the evaluation split itself: optimistic, a diagnostic, never the headline).
+
+A protocol's `evaluate(...)` returns `{"metrics": ..., "run": ...}` (see `protocol_result`):
+`metrics` holds numbers only — what `metrics.json` and `dvc metrics show/diff` carry — and `run`
+everything else (resolved settings with their sources, the encoder's identity, grid diagnostics,
+per-class scores, notes, timing), which the stage writes to `run.json`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torchmetrics.classification import MulticlassAccuracy
 
-from semanticmim.engine.checkpoint import PREFIX, list_checkpoints
-from semanticmim.engine.distributed import DistEnv
-from semanticmim.engine.loop import Plan, RunOptions, Schedule, Task, plan_batches, train
-from semanticmim.engine.progress import write_json_atomic
-
 __all__ = [
+    "EXECUTION_ONLY",
     "ClassificationAccuracy",
-    "Curves",
-    "EpochHistory",
-    "evaluation_epochs",
-    "log_curves",
+    "fingerprint",
     "progress_bar",
+    "protocol_result",
     "top_k_names",
-    "train_with_evaluation",
+    "value_sources",
 ]
 
 
@@ -70,154 +66,74 @@ class ClassificationAccuracy:
         return {name: 100.0 * float(meter.compute()) for name, meter in self.meters.items()}
 
 
-# ---------------------------------------------------------------------------------- epoch history
+# ------------------------------------------------------------------------------------ fingerprint
+
+# settings that change how a run executes, not what it computes: changing them keeps its checkpoints
+EXECUTION_ONLY = frozenset({"num_workers", "eval_every", "eval_interval", "eval_batch_size", "batch_per_device",
+                            "per_device_batch"})
+RUN_EXECUTION_ONLY = frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "compile", "profile",
+                                "discard_stale", "num_workers", "quiet"})
 
 
-@dataclass
-class EpochHistory:
-    """Evaluation results per epoch (1-based), persisted at `path` (rank 0 writes, every rank keeps them).
-
-    `fingerprint` ties the file to one run's settings: a file written with other settings is ignored
-    (and replaced by the first new record)."""
-
-    path: Path | None = None
-    fingerprint: str = ""
-    records: list[dict[str, float]] = field(default_factory=list)
-
-    @classmethod
-    def load(cls, path: Path, fingerprint: str) -> EpochHistory:
-        history = cls(path, fingerprint)
-        if path.is_file():
-            try:
-                saved = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                saved = {}
-            if saved.get("fingerprint") == fingerprint:
-                history.records = list(saved.get("epochs", []))
-        return history
-
-    @property
-    def epochs(self) -> list[int]:
-        return [int(record["epoch"]) for record in self.records]
-
-    def record(self, epoch: int, values: dict[str, float], write: bool = True) -> None:
-        """Store the metrics of `epoch` (replacing an earlier record of it) and, if `write`, save the file."""
-        self.records = sorted([r for r in self.records if r["epoch"] != epoch] + [{"epoch": epoch, **values}],
-                              key=lambda r: r["epoch"])
-        if write and self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.path, {"fingerprint": self.fingerprint, "epochs": self.records})
-
-    def last(self) -> dict[str, float]:
-        if not self.records:
-            raise ValueError("no epoch was evaluated")
-        return self.records[-1]
-
-    def best(self, key: str, higher_is_better: bool = True) -> dict[str, float]:
-        """The record with the best `key` (the earliest one on ties)."""
-        sign = 1.0 if higher_is_better else -1.0
-        return max(self.records, key=lambda r: (sign * r[key], -r["epoch"]))
-
-    def summary(self, prefix: str, names: Sequence[str], select: str, suffix: str = "",
-                higher_is_better: bool = True) -> dict[str, float | int]:
-        """Headline and best epoch of the metrics `prefix + name`:
-
-        `{name}{suffix}` = the LAST epoch's value (the headline); `best_epoch_{name}{suffix}` = the value
-        at the epoch where `prefix + select` was best; `best_epoch{suffix}` = that epoch's number.
-        E.g. summary("head/", ["top1", "top5"], "top1") -> top1, top5, best_epoch_top1, best_epoch_top5,
-        best_epoch."""
-        last, best = self.last(), self.best(prefix + select, higher_is_better)
-        out: dict[str, float | int] = {f"{name}{suffix}": last[prefix + name] for name in names}
-        out.update({f"best_epoch_{name}{suffix}": best[prefix + name] for name in names})
-        out[f"best_epoch{suffix}"] = int(best["epoch"])
-        return out
+def fingerprint(settings: BaseModel, **identity: Any) -> str:
+    """What a checkpoint, a history or a feature cache must share with a run to be reused by it: the
+    settings that define the result (not `EXECUTION_ONLY` ones, nor the run's logging/checkpointing)
+    and `identity` (the encoder's hash, the data, the head, resolved sizes...). 16 hex digits."""
+    values = settings.model_dump(mode="json", exclude=set(EXECUTION_ONLY & set(type(settings).model_fields)))
+    if isinstance(values.get("run"), dict):
+        values["run"] = {key: value for key, value in values["run"].items() if key not in RUN_EXECUTION_ONLY}
+    text = json.dumps({"settings": values, **identity}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-# ------------------------------------------------------------------------------- training + eval
+def value_sources(settings: BaseModel, sources: Mapping[str, str], preset: Mapping[str, Any] | None = None,
+                  preset_source: str = "") -> dict[str, str]:
+    """Where each setting's value comes from: `preset_source` where a preset set it, "params" where the
+    params file set it, else the default's source (`sources`: "paper Table 6", "authors' code", "ours"...)."""
+    preset, given, out = preset or {}, settings.model_fields_set, {}
+    for key, source in sources.items():
+        if key in preset and _same(getattr(settings, key), preset[key]):
+            out[key] = preset_source
+        else:
+            out[key] = "params" if key in given else source
+    return out
 
 
-def evaluation_epochs(epochs: int, eval_every: int) -> list[int]:
-    """The epochs after which a protocol evaluates: every `eval_every`-th, and always the last."""
-    return sorted({*range(eval_every, epochs, eval_every), epochs})
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, default=str) == json.dumps(b, default=str)
 
 
-def checkpointed_step(out_dir: Path) -> int:
-    """The step of the newest complete checkpoint in `out_dir/checkpoints` (0 when there is none)."""
-    checkpoints = list_checkpoints(out_dir / "checkpoints")
-    return int(checkpoints[-1].name[len(PREFIX):]) if checkpoints else 0
+# ---------------------------------------------------------------------------------------- results
 
 
-def train_with_evaluation(
-    task: Task,
-    dataset: Any,
-    schedule: Schedule,
-    options: RunOptions,
-    env: DistEnv,
-    out_dir: Path,
-    history: EpochHistory,
-    evaluate: Callable[[], dict[str, float]],
-    settings: str,
-    make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
-    make_lr_schedule: Callable[[torch.optim.Optimizer, Plan], Any],
-    run_info: dict | None = None,
-    eval_every: int = 1,
-) -> dict:
-    """Train `task.model` with the engine for `schedule.epochs`, calling `evaluate()` (which must put the
-    model in eval mode and back) after each evaluation epoch and recording its result in `history`.
+def protocol_result(metrics: dict[str, Any], run: dict[str, Any], headline: Sequence[str]) -> dict[str, dict]:
+    """`{"metrics": numbers, "run": details}`, the return value of every protocol's `evaluate()`.
 
-    The engine has no per-epoch hook, so it is called once per evaluation interval with `epochs` set to
-    the interval's end: each call resumes from the checkpoint the previous one wrote at its last step,
-    and the lr schedule is made for the whole run (`make_lr_schedule(optimizer, plan)` receives the
-    whole run's plan) and follows the global step, so the weights are those of one uninterrupted run.
-    A killed run resumes where it stopped; intervals already trained and evaluated are skipped.
-    Returns the engine's metrics of the last interval trained, with the total wall time.
-    """
-    plan = plan_batches(schedule, len(dataset), env.world_size)
-    metrics: dict = {}
-    wall_time = 0.0
-    for end in evaluation_epochs(schedule.epochs, eval_every):
-        if end in history.epochs and checkpointed_step(out_dir) >= end * plan.steps_per_epoch:
-            continue
-        metrics = train(task, dataset, replace(schedule, epochs=end), options, env, out_dir, run_info, settings,
-                        make_optimizer, lambda optimizer, _interval: make_lr_schedule(optimizer, plan))
-        wall_time += metrics["wall_time_s"]
-        # a checkpoint past `end` (e.g. written with a larger eval_every) holds later weights: not evaluable
-        if end not in history.epochs and metrics["steps"] == end * plan.steps_per_epoch:
-            values = evaluate()
-            history.record(end, values, write=env.is_main)
-            if env.is_main:
-                log_curves(out_dir / "dvclive", end * plan.steps_per_epoch, values)
-    return {**metrics, "wall_time_s": wall_time, "steps": schedule.epochs * plan.steps_per_epoch}
+    metrics: numbers only (int or float, NaN allowed), flat or nested one level (dvc shows `a.b`);
+    run: everything else, JSON-able; `run["headline"]` = the headline numbers by their dotted names
+    in `metrics` (what the CLI prints). A non-number in `metrics` is a programming error (TypeError)."""
+    check_numbers(metrics)
+    return {"metrics": metrics, "run": {"headline": {name: _lookup(metrics, name) for name in headline}, **run}}
 
 
-class Curves:
-    """dvclive curves of a run (rank 0 only: inactive elsewhere). `resume` keeps what the folder holds
-    (the engine's training curves, earlier epochs); otherwise it starts afresh."""
-
-    def __init__(self, directory: Path, active: bool = True, resume: bool = True):
-        self.live = None
-        if active:
-            from dvclive import Live
-
-            self.live = Live(str(directory), dvcyaml=False, save_dvc_exp=False, resume=resume, report=None)
-
-    def log(self, step: int, values: dict[str, float], prefix: str = "") -> None:
-        if self.live is not None:
-            self.live.step = step
-            for name, value in values.items():
-                self.live.log_metric(f"{prefix}{name}", value)
-
-    def close(self) -> None:
-        if self.live is not None:
-            self.live.end()
-            self.live = None
+def check_numbers(metrics: Mapping[str, Any], depth: int = 0) -> None:
+    for key, value in metrics.items():
+        if isinstance(value, Mapping) and depth == 0:
+            check_numbers(value, depth + 1)
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"metrics[{key!r}] = {value!r}: metrics hold numbers only (details go to run.json)")
 
 
-def log_curves(directory: Path, step: int, values: dict[str, float], prefix: str = "eval/") -> None:
-    """Append `values` at `step` to the dvclive run in `directory`, keeping what is there."""
-    curves = Curves(directory)
-    curves.log(step, values, prefix)
-    curves.close()
+def _lookup(metrics: Mapping[str, Any], dotted: str) -> float:
+    value: Any = metrics
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def finite_or_none(value: float) -> float | None:
+    """NaN (an absent class's IoU) as JSON null in run.json."""
+    return value if math.isfinite(value) else None
 
 
 def progress_bar(description: str, active: bool) -> Progress:

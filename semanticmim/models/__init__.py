@@ -1,13 +1,12 @@
 """Models: the proxy-token ViT encoder, MIM baselines and SemanticMIM, MoCo v3, and their factory."""
 
-from semanticmim.models.factory import VARIANTS, build_model, build_variant, load_model, save_model
+from semanticmim.models.factory import build_model, load_model, save_model
 from semanticmim.models.masking import MaskGenerator, num_masked, random_mask
 from semanticmim.models.mim import MaskedImageModel, MIMConfig
 from semanticmim.models.mocov3 import MoCoConfig, MoCoV3
 from semanticmim.models.vit import EncoderConfig, ProxyViT
 
 __all__ = [
-    "VARIANTS",
     "EncoderConfig",
     "MIMConfig",
     "MaskGenerator",
@@ -16,7 +15,6 @@ __all__ = [
     "MoCoV3",
     "ProxyViT",
     "build_model",
-    "build_variant",
     "load_model",
     "num_masked",
     "random_mask",

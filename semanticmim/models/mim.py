@@ -67,6 +67,8 @@ def gather_tokens(tokens: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
 class MaskedImageModel(nn.Module):
     """Encoder + mask token (+ SemanticMIM cross blocks) + linear prediction head."""
 
+    checkpoint_kind = "mim"  # the name `load_model` rebuilds it from
+
     def __init__(self, config: MIMConfig) -> None:
         super().__init__()
         self.config = config

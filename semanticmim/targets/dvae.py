@@ -141,6 +141,8 @@ class DiscreteVAE(nn.Module):
         temperature: Gumbel-softmax tau used by `forward` when none is passed (the loop anneals it).
     """
 
+    checkpoint_kind = "dvae"  # the name `load_model` rebuilds it from
+
     def __init__(
         self,
         vocab_size: int = 8192,

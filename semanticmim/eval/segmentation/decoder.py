@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semanticmim.eval.layer_decay import vit_group_matcher, vit_no_weight_decay
+
 __all__ = ["FCNHead", "UperHead", "UperNetSegmenter", "ViTPyramid", "conv_bn_relu"]
 
 
@@ -146,3 +148,10 @@ class UperNetSegmenter(nn.Module):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """The decode head's logits only (inference does not run the auxiliary head)."""
         return self.decode_head(self.backbone(images))
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer ids for layer-wise lr decay: the ViT's stem and blocks; pyramid and heads on top."""
+        return vit_group_matcher(self.backbone.vit, "backbone.vit.")
+
+    def no_weight_decay(self) -> set[str]:
+        return vit_no_weight_decay(self.backbone.vit, "backbone.vit.")

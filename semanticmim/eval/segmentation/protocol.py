@@ -1,118 +1,49 @@
-"""What both segmentation protocols share: their data splits and checks, block indices scaled to the
-encoder's depth, and training in evaluation intervals through the one training loop.
+"""What both segmentation protocols share: block indices scaled to the encoder's depth, the loss, the
+views normalised with the encoder's own mean/std, and the evaluation record and result.
 
-Training in intervals: the loop has no evaluation hook, so a protocol trains to the end of an interval,
-evaluates, and calls the loop again for the next one; each call resumes from the checkpoint the last
-one wrote at its final step, with the optimizer and an lr schedule that spans the whole run, so the
-weights are those of one uninterrupted run. Evaluations are recorded in `evaluations.json` as they
-are made: a killed run resumes training and does not repeat evaluations it already has.
+Both train through the engine's one loop with an `Evaluation` hook (linear: every `eval_every` epochs;
+UperNet: every `eval_interval` steps), so evaluations live in the engine's `History` (`OUT/history.json`):
+one record per evaluation with `miou`, `pixel_accuracy`, `chance_miou`, `classes_scored` and each
+class's IoU as `iou/<class index>` (NaN when the class is absent), kept across resumes, never repeated.
+
+Result (`protocol_result`): metrics = `miou`, `pixel_accuracy`, `chance_miou` of the LAST evaluation
+(the headline), `best_{epoch|step}_miou`, `best_{epoch|step}_pixel_accuracy` and `best_{epoch|step}`
+(the best evaluation, picked on the evaluation set itself: optimistic, a diagnostic); run = per-class
+IoU by class name, every evaluation, classes, splits, settings used and their sources, the encoder's
+identity, the training summary.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel
-from torch import nn
-from torch.utils.data import Dataset
 
-from semanticmim.data.layouts import IGNORE_INDEX, SegmentationSplit, available_splits, read_split
-from semanticmim.engine.distributed import DistEnv
-from semanticmim.engine.loop import Plan, RunOptions, Schedule, Task, plan_batches, train
-from semanticmim.engine.progress import write_json_atomic
-from semanticmim.errors import InputError
+from semanticmim.data.layouts import IGNORE_INDEX
+from semanticmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from semanticmim.engine.history import History
+from semanticmim.eval.encoder import Encoder, Normalization
+from semanticmim.eval.metrics import finite_or_none, protocol_result
 
 __all__ = [
-    "Interval",
-    "protocol_metrics",
-    "read_splits",
+    "EncoderNormalized",
+    "evaluation_record",
     "scaled_blocks",
     "segmentation_loss",
-    "settings_fingerprint",
-    "summarize",
-    "train_in_intervals",
+    "segmentation_result",
 ]
 
 PAPER_DEPTH = 12  # ViT-B: block indices in the recipes refer to 12 blocks
-SEGMENTATION_FORMATS = ("voc", "ade20k", "pairs")
-_TRAIN_SPLITS = ("trainaug", "train", "training")  # VOC trainaug [Table 6], ADE20K training
-_VAL_SPLITS = ("val", "validation")
-
-
-# ------------------------------------------------------------------------------------------- data
-
-
-def read_splits(
-    fmt: str, root: Path, train_split: str | None, val_split: str | None, num_classes: int | None
-) -> tuple[SegmentationSplit, SegmentationSplit]:
-    """The training and evaluation splits, checked: a segmentation format, neither split empty, both with
-    the same classes, and as many classes as the head when `num_classes` is given. None picks the
-    conventional split (trainaug/train/training, val/validation) among those on disk."""
-    if fmt not in SEGMENTATION_FORMATS:
-        raise InputError(f"--format {fmt}: segmentation protocols read one of {', '.join(SEGMENTATION_FORMATS)}")
-    on_disk = available_splits(fmt, root)
-    train_split = train_split or _first(_TRAIN_SPLITS, on_disk, root, "train_split")
-    val_split = val_split or _first(_VAL_SPLITS, on_disk, root, "val_split")
-    splits = []
-    for name in (train_split, val_split):
-        split = read_split(fmt, root, name)
-        if not split.samples:
-            raise InputError(f"{root}: split {name!r} has no images")
-        splits.append(split)
-    train_data, val_data = splits
-    if train_data.classes != val_data.classes:
-        raise InputError(
-            f"{root}: splits {train_split!r} and {val_split!r} have different classes "
-            f"({len(train_data.classes)} vs {len(val_data.classes)})"
-        )
-    if num_classes is not None and num_classes != len(train_data.classes):
-        raise InputError(f"num_classes={num_classes} but {root} ({fmt}) has {len(train_data.classes)} classes")
-    return train_data, val_data
-
-
-def _first(candidates: tuple[str, ...], on_disk: list[str], root: Path, key: str) -> str:
-    found = next((name for name in candidates if name in on_disk), None)
-    if found is None:
-        raise InputError(f"{root}: none of the splits {list(candidates)} found (splits on disk: {on_disk}); set {key}")
-    return found
-
-
-# ------------------------------------------------------------------------------------- encoders
+SUMMARISED = ("miou", "pixel_accuracy")
 
 
 def scaled_blocks(paper_blocks: Sequence[int], depth: int) -> tuple[int, ...]:
     """The recipe's 1-based blocks of a 12-block ViT-B at the same relative depth of a `depth`-block
     encoder: round(b · depth / 12), at least 1 (block 6 of 12 -> 2 of 4; 4/6/8/12 -> 1/2/3/4)."""
     return tuple(max(1, math.floor(block * depth / PAPER_DEPTH + 0.5)) for block in paper_blocks)
-
-
-# settings that change how a run executes, not what it computes: changing them keeps its checkpoints
-_EXECUTION_ONLY = {
-    "num_workers": True,
-    "eval_batch_size": True,
-    "per_device_batch": True,
-    "run": {"checkpoint_every", "keep_checkpoints", "log_every", "compile", "profile", "discard_stale"},
-}
-
-
-def settings_fingerprint(settings: BaseModel, **parts: Any) -> str:
-    """What a checkpoint (and a recorded evaluation) must share with a run to be reused by it: the
-    settings that define the result, the encoder's hash, the data, the resolved sizes."""
-    values = settings.model_dump(mode="json", exclude=_EXECUTION_ONLY)
-    text = json.dumps({**parts, "settings": values}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-# ------------------------------------------------------------------------------------------- loss
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -123,135 +54,55 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return summed / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
-# ---------------------------------------------------------------------------- interval training
+# ------------------------------------------------------------------------------ encoder's mean/std
 
 
-@dataclass
-class Interval:
-    """Train until the loop's epoch `end_epoch` (exclusive end), then evaluate; `label` names the point
-    in metrics.json (e.g. {"epoch": 5} or {"step": 16000}); `dataset` is what the loop samples."""
+class EncoderNormalized:
+    """A segmentation view of `semanticmim.data.transforms` (it normalises in the data worker, with
+    ImageNet's mean/std) re-normalised to the encoder's own: x' = x·std_in/std + (mean_in − mean)/std per
+    channel, exact but for float rounding. Only made for encoders with other constants (`wrap`): for
+    ImageNet's the view is used as it is, bitwise. ADE20K's padding (0 after ImageNet's normalisation,
+    i.e. ImageNet's mean colour) stays ImageNet's mean colour."""
 
-    end_epoch: int
-    label: dict
-    dataset: Dataset
+    def __init__(self, view: Callable, normalization: Normalization):
+        self.view = view
+        std_in, mean_in = torch.tensor(IMAGENET_STD).view(3, 1, 1), torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std, mean = torch.tensor(normalization.std).view(3, 1, 1), torch.tensor(normalization.mean).view(3, 1, 1)
+        self.scale, self.shift = std_in / std, (mean_in - mean) / std
 
+    @classmethod
+    def wrap(cls, view: Callable, encoder: Encoder) -> Callable:
+        normalization = encoder.normalization
+        return view if normalization.is_imagenet else cls(view, normalization)
 
-@dataclass
-class TrainingRun:
-    """Everything the loop needs besides the interval: `schedule` without its epochs."""
-
-    task: Task
-    schedule: Schedule
-    options: RunOptions
-    env: DistEnv
-    out_dir: Path
-    run_info: dict
-    fingerprint: str
-    make_optimizer: Callable[[nn.Module], Any]
-    make_lr_schedule: Callable[[Any, Plan], Any]
+    def __call__(self, image, label) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, label = self.view(image, label)
+        return pixels * self.scale + self.shift, label
 
 
-def train_in_intervals(run: TrainingRun, intervals: list[Interval], evaluate: Callable[[], dict]) -> tuple[dict, list]:
-    """Train through `intervals`, evaluating `run.task.model` after each; returns (the loop's metrics of
-    the last interval trained here with wall time summed, every evaluation in order)."""
-    log_path = run.out_dir / "evaluations.json"
-    done = _read_evaluations(log_path, run.fingerprint)
-    train_metrics: dict = {}
-    seconds = 0.0
-    for interval in intervals:
-        if any(entry["at"] == interval.label for entry in done):
-            continue
-        schedule = Schedule(**{**vars(run.schedule), "epochs": interval.end_epoch})
-        run.task.model.train()
-        train_metrics = train(
-            run.task,
-            interval.dataset,
-            schedule,
-            run.options,
-            run.env,
-            run.out_dir,
-            run.run_info,
-            run.fingerprint,
-            run.make_optimizer,
-            run.make_lr_schedule,
-        )
-        seconds += train_metrics["wall_time_s"]
-        expected = plan_batches(schedule, len(interval.dataset), run.env.world_size).total_steps
-        if train_metrics["steps"] != expected:
-            newest = train_metrics["steps"]
-            raise InputError(
-                f"{run.out_dir / 'checkpoints'}: the newest checkpoint is at step {newest}, "
-                f"past {interval.label} (step {expected}) whose evaluation is not in {log_path.name}; "
-                "delete the checkpoints to rerun"
-            )
-        run.task.model.eval()
-        tick = time.perf_counter()
-        result = evaluate()
-        done.append({"at": interval.label, "eval_seconds": time.perf_counter() - tick, **result})
-        if run.env.is_main:
-            write_json_atomic(log_path, {"fingerprint": run.fingerprint, "evaluations": done})
-            _log_curve(run.out_dir, train_metrics["steps"], result)
-    return {**train_metrics, "wall_time_s": seconds}, done
+# ---------------------------------------------------------------------------------------- results
 
 
-def _read_evaluations(path: Path, fingerprint: str) -> list[dict]:
-    if not path.is_file():
-        return []
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return []
-    return list(record.get("evaluations", [])) if record.get("fingerprint") == fingerprint else []
+def evaluation_record(scores: dict) -> dict[str, float]:
+    """`miou.scores(...)` -> the flat numbers one History record keeps (and dvclive logs as `eval/*`)."""
+    record = {name: float(scores[name]) for name in ("miou", "pixel_accuracy", "chance_miou", "classes_scored")}
+    for index, value in enumerate(scores["per_class_iou"].values()):
+        record[f"iou/{index}"] = math.nan if value is None else float(value)
+    return record
 
 
-def _log_curve(out_dir: Path, step: int, result: dict) -> None:
-    from dvclive import Live
-
-    live = Live(str(out_dir / "dvclive"), dvcyaml=False, save_dvc_exp=False, resume=True, report=None)
-    live.step = step
-    for name in ("miou", "pixel_accuracy"):
-        live.log_metric(f"eval/{name}", result[name])
-    live.end()
-
-
-def summarize(evaluations: list[dict]) -> dict:
-    """Headline = the last evaluation; the best one is reported apart, labelled as picked on the
-    evaluation set itself (an optimistic number, never the headline)."""
-    if not evaluations:
-        raise InputError("no evaluation was made; is the schedule empty?")
-    last = evaluations[-1]
-    best = max(evaluations, key=lambda entry: entry["miou"] if math.isfinite(entry["miou"]) else -1.0)
-    return {
-        "miou": last["miou"],
-        "pixel_accuracy": last["pixel_accuracy"],
-        "per_class_iou": last["per_class_iou"],
-        "classes_scored": last["classes_scored"],
-        "chance_miou": last["chance_miou"],
-        "evaluated_at": last["at"],
-        "best_miou_on_eval_set": {
-            "miou": best["miou"],
-            "at": best["at"],
-            "note": "maximum over the evaluations below, selected on the evaluation set",
-        },
-        "evaluations": [
-            {"at": entry["at"], "miou": entry["miou"], "pixel_accuracy": entry["pixel_accuracy"]}
-            for entry in evaluations
-        ],
-    }
-
-
-def protocol_metrics(evaluations: list, used: dict, encoder: Any, classes: Any, train: tuple, val: tuple,
-                     train_metrics: dict) -> dict:
-    """The metrics.json body shared by both protocols: headline/best from `evaluations`, the settings
-    used, the encoder's identity, the splits (`(split, dataset)` pairs) and the training summary."""
-    (train_split, train_data), (val_split, val_data) = train, val
-    return {
-        **summarize(evaluations),
-        "used": used,
-        "encoder": encoder.identity,
+def segmentation_result(history: History, classes: Sequence[str], run: dict[str, Any]) -> dict[str, dict]:
+    """The protocol's `{"metrics", "run"}` from its evaluations (see the module docstring)."""
+    last, unit = history.last(), history.unit
+    summary = history.summary("", SUMMARISED, "miou")  # the headline's names and best_{unit}_*
+    metrics = {**summary, "chance_miou": last["chance_miou"]}
+    details = {
+        "evaluated_at": {unit: int(last[unit])},
+        "per_class_iou": {name: finite_or_none(last[f"iou/{index}"]) for index, name in enumerate(classes)},
+        "classes_scored": int(last["classes_scored"]),
+        "evaluations": [{unit: int(r[unit]), **{name: r[name] for name in SUMMARISED}} for r in history.records],
         "classes": list(classes),
-        "splits": {"train": train_split.name, "val": val_split.name, "train_images": len(train_data),
-                   "val_images": len(val_data)},
-        "train": {key: train_metrics.get(key) for key in ("final_loss", "steps", "wall_time_s", "img_per_s")},
-        "skipped_images": len(train_data.skipped),
+        "notes": {"headline": f"miou/pixel_accuracy/chance_miou: the last evaluation; best_{unit}_*: the best "
+                              "evaluation, picked on the evaluation set itself (optimistic, a diagnostic)"},
     }
+    return protocol_result(metrics, {**details, **run}, headline=["miou"])

@@ -8,54 +8,46 @@ decay to 0, 160k steps at batch 16, stochastic depth 0.1; 640x640 crops of image
 into (2560, 640) x 0.5-2 (cat_max_ratio 0.75), flip, photometric distortion; evaluation on the image
 resized into (2560, 640), 640x640 windows every 426 px, logits resized to the label; single scale.
 
-Iterations, not epochs: the loop samples a "chunk" of `eval_interval` steps x the global batch per
-epoch, chunk k covering the training images in order from (k x its length) mod N, shuffled within the
-chunk, so every image is seen equally often (±1) whatever the interval and the dataset size.
+Iterations, not epochs: the run lasts `steps` optimizer steps (the engine's `Schedule(steps=...)`),
+iterating the training set in as many seeded shuffled epochs as that takes, and evaluates every
+`eval_interval` steps and after the last one. The lr is Table 4's at its batch of 16 (mmseg scales
+nothing): `batch_size` is the batch it is stated for. Layer decay is `semanticmim.eval.layer_decay`'s,
+shared with classification fine-tuning. Views are normalised with the encoder's own mean/std.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from torch import nn
-from torch.utils.data import Dataset
 
-from semanticmim.config import RunParams
 from semanticmim.data.layouts import SegmentationDataset
 from semanticmim.data.transforms import AdeTrain, SegmentationEval
 from semanticmim.engine.distributed import DistEnv
-from semanticmim.engine.loop import Plan, RunOptions, Schedule, plan_batches
-from semanticmim.engine.tasks import to_device
-from semanticmim.errors import InputError
+from semanticmim.engine.loop import Evaluation, Plan, RunOptions, to_device, train
+from semanticmim.engine.recipe import Recipe, Schedule, plan_batches
 from semanticmim.eval.encoder import load_encoder
+from semanticmim.eval.layer_decay import layer_decay_groups, layer_lr_scales
+from semanticmim.eval.metrics import fingerprint
 from semanticmim.eval.segmentation.decoder import FCNHead, UperHead, UperNetSegmenter, ViTPyramid
 from semanticmim.eval.segmentation.inference import evaluate_dataset, slide_inference
 from semanticmim.eval.segmentation.protocol import (
-    Interval,
-    TrainingRun,
-    protocol_metrics,
-    read_splits,
+    EncoderNormalized,
+    evaluation_record,
     scaled_blocks,
     segmentation_loss,
-    settings_fingerprint,
-    train_in_intervals,
+    segmentation_result,
 )
-from semanticmim.schema import Strict
+from semanticmim.eval.splits import read_splits
+from semanticmim.settings import Strict
 
-__all__ = [
-    "Settings",
-    "StepChunk",
-    "UperNetTask",
-    "WarmupPolySchedule",
-    "build_segmenter",
-    "evaluate",
-    "layer_decay_groups",
-]
+__all__ = ["Settings", "UperNetTask", "WarmupPolySchedule", "build_segmenter", "evaluate", "layer_decay_groups"]
 
+KEY = "eval.finetune_seg"
 PAPER_BLOCKS = (4, 6, 8, 12)  # [code: out_indices 3, 5, 7, 11]
 
 
@@ -83,21 +75,34 @@ class Settings(Strict):
     eps: PositiveFloat = 1e-8  # [Table 4]
     warmup_steps: int = Field(1500, ge=0)  # linear from ~0, then linear ("poly 1.0") decay [Table 4]
     slide_stride: PositiveInt | None = None  # None: 2/3 of the crop, 426 at 640 [code: test_cfg]
-    eval_interval: PositiveInt = 16_000  # steps between evaluations [mmseg 160k schedule]; must divide steps
+    eval_interval: PositiveInt = 16_000  # steps between evaluations [mmseg 160k schedule]; the last is always one
     eval_batch_size: PositiveInt = 8  # sliding windows per forward pass
     num_classes: PositiveInt | None = None  # None: the dataset's (150 for ADE20K); else must match it
     train_split: str | None = None  # None: training / train
     val_split: str | None = None  # None: validation / val
     num_workers: int = Field(2, ge=0)
-    run: RunParams = RunParams()
+    run: RunOptions = RunOptions()
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        if self.steps % self.eval_interval:
-            raise ValueError(f"eval_interval={self.eval_interval} must divide steps={self.steps}")
         if not 0.0 < self.ratio_range[0] <= self.ratio_range[1]:
             raise ValueError(f"ratio_range must satisfy 0 < low <= high, got {self.ratio_range}")
         return self
+
+    def recipe(self, world_size: int) -> Recipe:
+        """The batch and lr arithmetic of the engine's recipe type; the lr is stated for `batch_size`
+        (Table 4's 16; mmseg scales nothing) and the warmup is in steps (`warmup_steps`), not epochs."""
+        per_device = self.per_device_batch or math.ceil(self.batch_size / world_size)
+        return Recipe(epochs=1, effective_batch=self.batch_size, batch_size=per_device, lr=self.lr,
+                      lr_batch=self.batch_size, min_lr=self.min_lr, warmup_epochs=0.0,
+                      weight_decay=self.weight_decay, betas=self.betas, eps=self.eps, clip_grad=None)
+
+    def schedule(self, num_samples: int, world_size: int) -> tuple[Schedule, Plan]:
+        """(Schedule, Plan) of a run of `steps` optimizer steps (epochs: as many as that takes)."""
+        schedule, _ = self.recipe(world_size).plan(num_samples, world_size)
+        schedule = replace(schedule, steps=self.steps)
+        plan = plan_batches(schedule, num_samples, world_size)
+        return replace(schedule, epochs=math.ceil(self.steps / plan.steps_per_epoch)), plan
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -131,54 +136,7 @@ class UperNetTask:
         return self
 
 
-class StepChunk(Dataset):
-    """`length` samples of `dataset` starting at `start` (mod its size): one evaluation interval's data."""
-
-    def __init__(self, dataset: Dataset, start: int, length: int):
-        self.dataset, self.start, self.length = dataset, start, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int):
-        return self.dataset[(self.start + index) % len(self.dataset)]  # type: ignore[arg-type]
-
-
 # ------------------------------------------------------------------------------------ optimizer
-
-
-def layer_id(name: str, depth: int) -> int:
-    """BEiT's layer-wise decay ids: tokens, position embedding and patch embedding 0, block i i+1,
-    everything else (pyramid, heads) depth + 1."""
-    if name.startswith("backbone.vit."):
-        inner = name[len("backbone.vit.") :]
-        if inner.startswith("blocks."):
-            return int(inner.split(".")[1]) + 1
-        if inner.startswith(("cls_token", "reg_token", "pos_embed", "patch_embed", "norm_pre")):
-            return 0
-    return depth + 1
-
-
-def layer_decay_groups(model: UperNetSegmenter, weight_decay: float, layer_decay: float, depth: int) -> list[dict]:
-    """AdamW parameter groups: lr scale layer_decay^(depth + 1 - layer id); no weight decay on 1-D
-    parameters (norms, biases, layer scales), tokens and position embeddings [BEiT code]."""
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        no_decay = param.ndim <= 1 or name.endswith((".bias", "_token", "pos_embed"))
-        layer = layer_id(name, depth)
-        group = groups.setdefault(
-            (layer, no_decay),
-            {
-                "params": [],
-                "weight_decay": 0.0 if no_decay else weight_decay,
-                "lr_scale": layer_decay ** (depth + 1 - layer),
-                "layer_id": layer,
-            },
-        )
-        group["params"].append(param)
-    return [groups[key] for key in sorted(groups)]
 
 
 class WarmupPolySchedule:
@@ -214,47 +172,55 @@ class WarmupPolySchedule:
 def evaluate(
     encoder_dir: Path, data_root: Path, data_format: str, settings: Settings, out_dir: Path, env: DistEnv, quiet: bool
 ) -> dict:
-    """Fine-tune encoder + UperNet and score it; returns metrics (mIoU after the last step as the headline)."""
-    encoder = load_encoder(encoder_dir, img_size=settings.crop_size, drop_path_rate=settings.drop_path)
+    """Fine-tune encoder + UperNet and score it: `{"metrics", "run"}` (see `segmentation.protocol`), mIoU
+    after the last step as the headline."""
+    out_dir = Path(out_dir)
+    encoder = load_encoder(encoder_dir, img_size=settings.crop_size, size_key=f"{KEY}.crop_size",
+                           drop_path_rate=settings.drop_path)
     depth, patch = encoder.depth, encoder.model.patch_embed.patch_size[0]
     blocks = settings.blocks or scaled_blocks(PAPER_BLOCKS, depth)
     for block in blocks:
-        encoder.check_block(block, "eval.finetune_seg.blocks")
+        encoder.check_block(block, f"{KEY}.blocks")
     stride = settings.slide_stride or settings.crop_size * 2 // 3
-    if settings.crop_size % patch:
-        raise InputError(
-            f"eval.finetune_seg.crop_size={settings.crop_size}: expected a multiple of the patch size {patch}"
-        )
-    train_split, val_split = read_splits(
-        data_format, data_root, settings.train_split, settings.val_split, settings.num_classes
-    )
+    train_split, val_split = read_splits("segmentation", data_format, data_root, settings.train_split,
+                                         settings.val_split, settings.num_classes, KEY)
     classes = train_split.classes
     skips = out_dir / "skipped.jsonl"
-    train_data = SegmentationDataset(
-        train_split, AdeTrain(settings.crop_size, settings.ratio_range, settings.cat_max_ratio), skip_report=skips
-    )
-    val_data = SegmentationDataset(val_split, SegmentationEval(settings.crop_size), skip_report=skips)
+    train_view = AdeTrain(settings.crop_size, settings.ratio_range, settings.cat_max_ratio)
+    train_data = SegmentationDataset(train_split, EncoderNormalized.wrap(train_view, encoder), skip_report=skips)
+    val_view = EncoderNormalized.wrap(SegmentationEval(settings.crop_size), encoder)
+    val_data = SegmentationDataset(val_split, val_view, skip_report=skips)
+    schedule, plan = settings.schedule(len(train_data), env.world_size)
 
-    per_device = settings.per_device_batch or math.ceil(settings.batch_size / env.world_size)
-    schedule = Schedule(
-        epochs=settings.steps // settings.eval_interval,
-        batch_size=per_device,
-        effective_batch=settings.batch_size,
-        lr=settings.lr,
-        min_lr=settings.min_lr,
-        warmup_epochs=0.0,
-        weight_decay=settings.weight_decay,
-        betas=settings.betas,
-        eps=settings.eps,
-    )
-    accumulation = max(1, round(settings.batch_size / (per_device * env.world_size)))  # as the loop's plan
-    chunk = settings.eval_interval * per_device * env.world_size * accumulation  # one interval's samples
-    plan = plan_batches(schedule, chunk, env.world_size)
+    torch.manual_seed(settings.run.seed)  # the same decoder init on every rank and every rerun
+    model = build_segmenter(encoder.model, blocks, len(classes), settings).train()
+    if env.distributed and env.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # mmseg's SyncBN: BN over the global batch
+    task = UperNetTask(model, settings.aux_weight)
+
+    def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
+        groups = layer_decay_groups(module, settings.weight_decay, settings.layer_decay)
+        return torch.optim.AdamW(groups, lr=schedule.lr, betas=settings.betas, eps=settings.eps,
+                                 fused=env.device.type in ("cpu", "cuda"))
+
+    def make_lr_schedule(optimizer: torch.optim.Optimizer, run_plan: Plan) -> WarmupPolySchedule:
+        return WarmupPolySchedule(optimizer, schedule.lr, run_plan.total_steps, settings.warmup_steps, settings.min_lr)
+
+    def infer(images: torch.Tensor) -> torch.Tensor:
+        return slide_inference(model.predict, images, settings.crop_size, stride, settings.eval_batch_size)
+
+    def evaluate_now() -> dict[str, float]:
+        model.eval()
+        scores = evaluate_dataset(infer, val_data, classes, env, 1, settings.num_workers, settings.run.amp, quiet)
+        model.train()
+        return evaluation_record(scores)
+
     used = {
         "blocks": list(blocks),
         "encoder_depth": depth,
         "crop_size": settings.crop_size,
         "pos_embed_grid": settings.crop_size // patch,
+        "normalization": {"mean": list(encoder.mean), "std": list(encoder.std)},
         "eval_scale": [4 * settings.crop_size, settings.crop_size],
         "slide_window": settings.crop_size,
         "slide_stride": stride,
@@ -263,71 +229,39 @@ def evaluate(
         "aux_channels": settings.aux_channels,
         "aux_weight": settings.aux_weight,
         "optimizer": "AdamW",
-        "lr": settings.lr,
+        "lr": schedule.lr,
         "weight_decay": settings.weight_decay,
         "layer_decay": settings.layer_decay,
+        "layer_lr_scales": layer_lr_scales(len(model.backbone.vit.blocks), settings.layer_decay),
         "betas": list(settings.betas),
         "lr_schedule": "linear warmup + poly(1.0)",
         "warmup_steps": settings.warmup_steps,
         "steps": plan.total_steps,
+        "epochs": schedule.epochs,
         "eval_interval": settings.eval_interval,
         "global_batch": plan.global_batch,
-        "per_device_batch": per_device,
+        "per_device_batch": plan.per_device_batch,
         "accumulation": plan.accumulation,
         "world_size": env.world_size,
         "drop_path": settings.drop_path,
         "num_classes": len(classes),
         "seed": settings.run.seed,
     }
-
-    torch.manual_seed(settings.run.seed)  # the same decoder init on every rank and every rerun
-    model = build_segmenter(encoder.model, blocks, len(classes), settings)
-    if env.distributed and env.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # mmseg's SyncBN: BN over the global batch
-    task = UperNetTask(model, settings.aux_weight)
-
-    def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
-        groups = layer_decay_groups(module, settings.weight_decay, settings.layer_decay, depth)
-        return torch.optim.AdamW(
-            groups, lr=settings.lr, betas=settings.betas, eps=settings.eps, fused=env.device.type in ("cpu", "cuda")
-        )
-
-    def make_lr_schedule(optimizer: torch.optim.Optimizer, _plan: Plan) -> WarmupPolySchedule:
-        return WarmupPolySchedule(optimizer, settings.lr, settings.steps, settings.warmup_steps, settings.min_lr)
-
-    fingerprint = settings_fingerprint(
-        settings,
-        protocol="finetune-seg",
-        encoder=encoder.identity["sha256"],
-        data=str(data_root),
-        format=data_format,
-        classes=classes,
-        blocks=blocks,
-        splits=[train_split.name, val_split.name],
-    )
-    options = RunOptions(**settings.run.model_dump(), num_workers=settings.num_workers, quiet=quiet)
-    run = TrainingRun(
-        task,
-        schedule,
-        options,
-        env,
-        out_dir,
-        {"protocol": "finetune-seg", "used": used},
-        fingerprint,
-        make_optimizer,
-        make_lr_schedule,
-    )
-    intervals = [
-        Interval(k + 1, {"step": (k + 1) * settings.eval_interval}, StepChunk(train_data, k * chunk, chunk))
-        for k in range(settings.steps // settings.eval_interval)
-    ]
-
-    def infer(images: torch.Tensor) -> torch.Tensor:
-        return slide_inference(model.predict, images, settings.crop_size, stride, settings.eval_batch_size)
-
-    def evaluate_now() -> dict:
-        return evaluate_dataset(infer, val_data, classes, env, 1, settings.num_workers, settings.run.amp, quiet)
-
-    train_metrics, evaluations = train_in_intervals(run, intervals, evaluate_now)
-    return protocol_metrics(evaluations, used, encoder, classes, (train_split, train_data), (val_split, val_data),
-                            train_metrics)
+    identity = {"protocol": "finetune-seg", "encoder": encoder.identity["sha256"],
+                "normalization": [encoder.mean, encoder.std], "data": str(Path(data_root).resolve()),
+                "format": data_format, "classes": classes, "blocks": blocks,
+                "splits": [train_split.name, val_split.name]}
+    options = replace(settings.run, num_workers=settings.num_workers, quiet=quiet)
+    trained = train(task, train_data, schedule, options, env, out_dir,
+                    run_info={"protocol": "finetune-seg", "used": used}, fingerprint=fingerprint(settings, **identity),
+                    make_optimizer=make_optimizer, make_lr_schedule=make_lr_schedule,
+                    evaluate=Evaluation(evaluate_now, settings.eval_interval, "step"))
+    return segmentation_result(trained["history"], classes, {
+        "used": used,
+        "encoder": encoder.identity,
+        "splits": {"train": train_split.name, "val": val_split.name, "train_images": len(train_data),
+                   "val_images": len(val_data)},
+        "train": {key: trained.get(key) for key in ("final_loss", "steps", "wall_time_s", "img_per_s")},
+        "batch_plan": vars(plan),
+        "skipped_images": len(train_data.skipped),
+    })

@@ -24,8 +24,10 @@ app = typer.Typer(
 )
 targets_app = typer.Typer(no_args_is_help=True, help="Pretraining targets: DALL-E weights, the dVAE tokenizer.")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the embedded one, inspect and prepare.")
+floor_app = typer.Typer(no_args_is_help=True, help="Table 1's floors: a random-init encoder, a raw-pixel probe.")
 app.add_typer(targets_app, name="targets")
 app.add_typer(data_app, name="data")
+app.add_typer(floor_app, name="floor")
 
 err_console = Console(stderr=True)
 
@@ -95,14 +97,14 @@ def bench_command(
     if data is not None and sample_photos is not None:
         raise InputError("--data and --sample-photos exclude each other; give one of them")
     if data is not None or sample_photos is not None:
-        from semanticmim.data.throughput import collect_images, measure_pipelines
+        from stages.bench.data import collect_images, measure_pipelines
 
         if sample_photos is None:
             records = measure_pipelines(collect_images(data, limit), img_size, seconds=seconds)
         else:
             import tempfile
 
-            from semanticmim.data.photos import write_photo_jpegs
+            from stages.bench.photos import write_photo_jpegs
 
             if sample_photos < 1:
                 raise InputError(f"--sample-photos: expected at least 1 image, got {sample_photos}")
@@ -117,9 +119,9 @@ def bench_command(
             typer.echo(f"{r['pipeline']:>18} ({r['source']}): {r['img_per_s_per_core']:8.1f}{ratio}")
         return
     if loop:
-        from stages import bench_loop
+        from stages.bench import pipeline
 
-        records = bench_loop.run(params, variant, "cpu" if device == "cpu" else device)
+        records = pipeline.run(params, variant, "cpu" if device == "cpu" else device)
         if as_json:
             print_json(records)
             return
@@ -127,7 +129,7 @@ def bench_command(
             shares = ", ".join(f"{k} {v:.0%}" for k, v in r["time_share"].items())
             typer.echo(f"{r['variant']:>22}: {r['img_per_s']:8.1f} img/s  ({shares})")
         return
-    from semanticmim.bench import run_benchmark
+    from stages.bench.steps import run_benchmark
 
     records = run_benchmark(device, preset, batch_size, steps, rounds, variant)
     if as_json:
@@ -370,10 +372,11 @@ def targets_train_dvae_command(
 @app.command("eval")
 @friendly_errors
 def eval_command(
-    protocol: Annotated[str, typer.Argument(help="linear-cls | finetune-cls | linear-seg | finetune-seg")],
+    protocol: Annotated[str, typer.Argument(help="linear-cls | finetune-cls | linear-seg | finetune-seg (or with _)")],
     encoder: Annotated[Path, typer.Option(help="timm-format export: model.safetensors + config.json.")],
-    data: Annotated[Path, typer.Option(help="Dataset root.")],
-    format: Annotated[str, typer.Option("--format", help="imagefolder | imagenet | voc | ade20k | pairs")],
+    data: Annotated[Path | None, typer.Option(help="Dataset root (default: the params' eval.<protocol>.data).")] = None,
+    format: Annotated[str | None, typer.Option("--format", help="imagefolder | imagenet | voc | ade20k | pairs "
+                                               "(default: the params' eval.<protocol>.data)")] = None,
     params: Annotated[Path, typer.Option(help="params.yaml-shaped file; `eval.<protocol>` is read.")] = Path(
         "params.yaml"),
     out: Annotated[Path, typer.Option(help="Output folder (metrics.json, dvclive/, checkpoints/).")] = Path(
@@ -386,7 +389,86 @@ def eval_command(
     """Evaluate an encoder (ours or any timm ViT exported the same way) with one Table 1 protocol."""
     from stages import evaluate
 
-    metrics = run_training(lambda: evaluate.run(protocol, encoder, data, format, params, out, quiet, device,
+    results = run_training(lambda: evaluate.run(protocol, encoder, data, format, params, out, quiet, device,
                                                 discard_stale_checkpoints))
-    headline = {k: metrics[k] for k in ("top1", "top5", "miou") if k in metrics}
+    headline = results["run"].get("headline", {})
     typer.echo(f"{protocol}: " + ", ".join(f"{k} {v:.2f}" for k, v in headline.items()))
+
+
+# -------------------------------------------------------------------------------------------- report
+
+
+@app.command("attention")
+@friendly_errors
+def attention_command(
+    encoder: Annotated[Path, typer.Option(help="timm-format export: model.safetensors + config.json.")],
+    params: Annotated[Path, typer.Option(help="params.yaml-shaped file; `report.attention` is read.")] = Path(
+        "params.yaml"),
+    out: Annotated[Path, typer.Option(help="Output folder (maps.safetensors, metrics.json, run.json).")] = Path(
+        "runs/attention"),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Attention analysis of one encoder: the maps of Figs. 7-10 and 14, consistency and completeness."""
+    from stages import attention
+
+    numbers = attention.run(encoder, params, out, device)
+    typer.echo("attention: " + ", ".join(f"{k} {v:.3f}" for k, v in numbers.items()))
+
+
+@floor_app.command("random-init")
+@friendly_errors
+def floor_random_init_command(
+    params: Annotated[Path, typer.Option(help="params.yaml-shaped file (`pretrain`, `report.floors`).")] = Path(
+        "params.yaml"),
+    out: Annotated[Path, typer.Option(help="Output folder (model.safetensors, encoder/).")] = Path(
+        "runs/pretrain/random-init"),
+) -> None:
+    """A seeded, untrained encoder of the profile's shape, exported like a pretrained one."""
+    from stages import floors
+
+    config = floors.random_init(params, out)
+    typer.echo(f"wrote {out}/encoder ({config['architecture']}, untrained)")
+
+
+@floor_app.command("raw-pixels")
+@friendly_errors
+def floor_raw_pixels_command(
+    params: Annotated[Path, typer.Option(help="params.yaml-shaped file (`eval.linear_cls`, `report.floors`).")] = Path(
+        "params.yaml"),
+    out: Annotated[Path, typer.Option(help="Output folder (metrics.json, run.json).")] = Path("runs/floors/raw-pixels"),
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """The linear probe's recipe on raw pixels: the floor of Table 1's classification columns."""
+    from stages import floors
+
+    results = run_training(lambda: floors.raw_pixels(params, out, quiet))
+    typer.echo(f"raw pixels: top1 {results['top1']:.2f}")
+
+
+@app.command("report")
+@friendly_errors
+def report_command(
+    params: Annotated[Path, typer.Option(help="params.yaml-shaped file (`report`, `eval`).")] = Path("params.yaml"),
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("reports"),
+) -> None:
+    """Table 1, the attention figures, the scores, the curves and the page, from the runs on disk."""
+    from stages import report
+
+    written = report.run(params, out)
+    typer.echo(f"wrote {out}: {', '.join(written)}")
+
+
+@app.command("doctor")
+@friendly_errors
+def doctor_command(
+    params: Annotated[Path, typer.Option(help="The params file of the run to check.")] = Path("params.yaml"),
+    lock: Annotated[Path, typer.Option(help="The lock file the environment should match.")] = Path(
+        "requirements.lock"),
+) -> None:
+    """Check an environment before a long run: packages vs the lock, CUDA/cuDNN/NCCL, an all-reduce across
+    the ranks, shared memory, disk, DVC cache and dataset roots. Exit code 1 when something would fail."""
+    from stages import doctor
+
+    checks = doctor.run_checks(params, lock)
+    typer.echo(doctor.format_report(checks))
+    raise typer.Exit(code=doctor.exit_code(checks))

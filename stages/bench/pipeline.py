@@ -8,16 +8,16 @@ from pathlib import Path
 
 import yaml
 
-from semanticmim.config import read_section, resolve_path
-from semanticmim.models import VARIANTS
+from semanticmim.methods import METHODS
 from stages import pretrain
+from stages.params import read_section, resolve_path
 
 
 def run(params_file: Path, variants: list[str] | None, device: str, epochs: int = 1) -> list[dict]:
     """Pretrain each variant for `epochs` epochs in a temp folder with phase profiling on."""
     section = read_section(params_file, "pretrain")
-    section = {**section, "epochs": epochs, "run": {**section.get("run", {}), "profile": True,
-                                                     "checkpoint_every": 10**9, "log_every": 10**9}}
+    section = {**section, "recipe": {**section.get("recipe", {}), "epochs": epochs},
+               "run": {**section.get("run", {}), "profile": True, "checkpoint_every": 10**9, "log_every": 10**9}}
     section["variants"] = {name: {k: v for k, v in spec.items() if k != "epochs"}
                            for name, spec in section.get("variants", {}).items()}
     for key in ("tokenizer",):
@@ -28,7 +28,7 @@ def run(params_file: Path, variants: list[str] | None, device: str, epochs: int 
     with tempfile.TemporaryDirectory(prefix="semanticmim-bench-") as folder:
         params = Path(folder) / "params.yaml"
         params.write_text(yaml.safe_dump({"pretrain": section}))
-        for variant in variants or list(VARIANTS):
+        for variant in variants or list(METHODS):
             metrics = pretrain.run(variant, params, Path(folder) / variant, quiet=True, device=device)
             share = metrics["time_share"]
             records.append({"variant": variant, "device": device, "steps": metrics["steps"],

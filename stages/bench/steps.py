@@ -21,7 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from semanticmim.engine.optim import build_adamw
 from semanticmim.errors import InputError
-from semanticmim.models import VARIANTS, EncoderConfig, MaskGenerator, build_variant
+from semanticmim.methods import METHODS, build_variant, method, resolve_recipe
+from semanticmim.models import EncoderConfig, MaskGenerator
 from semanticmim.models.factory import hog_dim
 
 PRESETS: dict[str, EncoderConfig] = {
@@ -68,22 +69,22 @@ def make_optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimi
 
 
 def mim_workload(variant: str, encoder: EncoderConfig, batch: int, device: torch.device) -> Workload:
-    spec = VARIANTS[variant]
     model = build_variant(variant, encoder).to(device).train()
     images = torch.randn(batch, 3, encoder.img_size, encoder.img_size, device=device)
-    visible, masked = MaskGenerator(encoder.num_patches, spec.mask_ratio)(batch)
+    visible, masked = MaskGenerator(encoder.num_patches, resolve_recipe(variant).mask_ratio)(batch)
     visible, masked = visible.to(device), masked.to(device)
     target_dim = model.config.target_dim
-    target = (torch.randint(0, target_dim, (batch, encoder.num_patches), device=device) if spec.target == "dvae"
+    tokens = method(variant).target == "dvae"
+    target = (torch.randint(0, target_dim, (batch, encoder.num_patches), device=device) if tokens
               else torch.randn(batch, encoder.num_patches, target_dim, device=device))
     return Workload(variant, model, make_optimizer(model, device), lambda: model(images, visible, masked, target))
 
 
-def mocov3_workload(encoder: EncoderConfig, batch: int, device: torch.device) -> Workload:
-    model = build_variant("mocov3", encoder).to(device).train()
+def contrastive_workload(variant: str, encoder: EncoderConfig, batch: int, device: torch.device) -> Workload:
+    model = build_variant(variant, encoder).to(device).train()
     view1 = torch.randn(batch, 3, encoder.img_size, encoder.img_size, device=device)
     view2 = torch.randn_like(view1)
-    return Workload("mocov3", model, make_optimizer(model, device), lambda: model(view1, view2, momentum=0.99))
+    return Workload(variant, model, make_optimizer(model, device), lambda: model(view1, view2, momentum=0.99))
 
 
 def timm_workload(encoder: EncoderConfig, batch: int, device: torch.device) -> Workload:
@@ -137,10 +138,10 @@ def build_workloads(variants: list[str], encoder: EncoderConfig, batch: int, dev
         torch.manual_seed(0)
         if name == "timm-vit":
             workloads.append(timm_workload(encoder, batch, device))
-        elif name == "mocov3":
-            workloads.append(mocov3_workload(encoder, batch, device))
-        else:
+        elif method(name).masks:
             workloads.append(mim_workload(name, encoder, batch, device))
+        else:
+            workloads.append(contrastive_workload(name, encoder, batch, device))
     return workloads
 
 
@@ -159,10 +160,10 @@ def run_benchmark(
         raise InputError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' requested but torch.cuda.is_available() is False")
-    names = variants or [*VARIANTS, "timm-vit"]
-    unknown = sorted(set(names) - {*VARIANTS, "timm-vit"})
+    names = variants or [*METHODS, "timm-vit"]
+    unknown = sorted(set(names) - {*METHODS, "timm-vit"})
     if unknown:
-        raise InputError(f"unknown variants {unknown}; expected some of {[*VARIANTS, 'timm-vit']}")
+        raise InputError(f"unknown variants {unknown}; expected some of {[*METHODS, 'timm-vit']}")
     torch_device = torch.device(device)
     encoder = PRESETS[preset]
     batch = batch_size or DEFAULT_BATCH[(preset, device)]

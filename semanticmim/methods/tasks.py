@@ -1,11 +1,12 @@
-"""What each method computes from a batch: the loop calls `task.loss(module, batch, step)`.
+"""What each method computes from a batch: the engine's loop calls `task.loss(module, batch, step)`.
 
 MIM (BEiT, MaskFeat, both SemanticMIM variants): masks come with each sample (`WithMasks`, drawn in
 the data workers from the sample's own seed, so they do not depend on batch layout, accumulation or
 world size); compute the target on the training device in fp32 without gradients (HOG of the
-normalised view; dVAE tokens of the 112-px view), predict the masked patches. MoCo v3: two views
-and the step's momentum. dVAE: the step's Gumbel-softmax temperature. Views arrive as uint8 pixels
-and are normalised here, on the training device (`semanticmim.data.transforms`).
+normalised view; dVAE tokens of the 112-px view), predict the masked patches. MoCo v3: two views;
+the momentum encoder moves once per optimizer step (`before_step`). dVAE: the step's Gumbel-softmax
+temperature. Views arrive as uint8 pixels and are normalised here, on the training device
+(`semanticmim.data.transforms`).
 """
 
 from __future__ import annotations
@@ -18,18 +19,13 @@ import torch
 from torch import nn
 
 from semanticmim.data.transforms import normalize, unit_range
+from semanticmim.engine.loop import to_device
 from semanticmim.engine.timing import no_timer
 from semanticmim.errors import InputError
 from semanticmim.models import MaskedImageModel, MaskGenerator
-from semanticmim.models.mocov3 import MoCoV3, momentum_at
+from semanticmim.models.mocov3 import MoCoV3, convert_sync_batchnorm
 from semanticmim.targets import DalleTokenizer, HOGTarget
 from semanticmim.targets.dvae import DiscreteVAE, temperature_schedule
-
-
-def to_device(batch, device: torch.device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    return type(batch)(to_device(item, device) for item in batch)
 
 
 def no_autocast(device: torch.device):
@@ -107,12 +103,19 @@ class MoCoTask:
     total_steps: int
     base_momentum: float = 0.99
 
+    def before_step(self, step: int) -> None:
+        """The momentum encoder moves once per optimizer step, before its first micro-batch (as the
+        official loop does once per iteration); under accumulation each micro-batch's queries take the
+        keys of their own micro-batch (gathered over ranks) as negatives."""
+        self.model.before_step(step, self.total_steps, self.base_momentum)
+
     def loss(self, module: nn.Module, batch, step: int) -> torch.Tensor:
         (view1, view2), _labels = to_device(batch, self.model.encoder.pos_embed.device)
-        momentum = momentum_at(step, self.total_steps, self.base_momentum)
-        return module(normalize(view1), normalize(view2), momentum=momentum)
+        return module(normalize(view1), normalize(view2))
 
     def to(self, device: torch.device) -> MoCoTask:
+        """SyncBatchNorm in projector/predictor under DDP on CUDA (per rank on CPU: gloo has none)."""
+        self.model = convert_sync_batchnorm(self.model, device)
         return self
 
 

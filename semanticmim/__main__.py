@@ -1,3 +1,0 @@
-from semanticmim.cli import app
-
-app(prog_name="semanticmim")

@@ -1,0 +1,121 @@
+"""dvc.yaml against the code: every module a stage runs is inside that stage's `deps`, and every params
+key a stage tracks exists in every profile (DVC refuses a missing key)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILES = [REPO / "params.yaml", REPO / "params" / "smoke.yaml", REPO / "params" / "paper.yaml"]
+ENTRY = {"data prepare": "stages/prepare.py", "targets train-dvae": "stages/dvae.py",
+         "pretrain": "stages/pretrain.py", "eval": "stages/evaluate.py", "attention": "stages/attention.py",
+         "floor ": "stages/floors.py", "report": "stages/report.py"}
+# the CLI's own module-level imports run for every command: stages/cli.py and what it imports at the top
+
+
+def module_path(name: str) -> Path | None:
+    """The project file a dotted module name refers to (package `__init__` or module), if any."""
+    for candidate in (REPO / Path(*name.split(".")) / "__init__.py", REPO / f"{Path(*name.split('.'))}.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imports_of(path: Path, top_level_only: bool = False) -> set[str]:
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def closure(start: list[Path]) -> set[Path]:
+    """Every project file reachable from `start` through imports (inside functions too), with the
+    `__init__` of every package on the way (Python runs them)."""
+    seen: set[Path] = set()
+    todo = list(start)
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in imports_of(path):
+            parts = name.split(".")
+            for depth in range(1, len(parts) + 1):
+                found = module_path(".".join(parts[:depth]))
+                if found is not None and found not in seen:
+                    todo.append(found)
+    return seen
+
+
+def stages() -> dict[str, dict]:
+    """Stage name -> its definition, with `${item}` forms left in (the code deps never use them)."""
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def definition(stage: dict) -> dict:
+    return stage.get("do", stage)
+
+
+def entry_file(cmd: str) -> Path:
+    command = cmd.split("semanticmim ", 1)[1]
+    for prefix, path in ENTRY.items():
+        if command.startswith(prefix):
+            return REPO / path
+    raise AssertionError(f"no entry module known for {cmd!r}")
+
+
+def covered(path: Path, deps: list[str]) -> bool:
+    relative = path.relative_to(REPO).as_posix()
+    return any(relative == dep or relative.startswith(dep.rstrip("/") + "/") for dep in deps)
+
+
+CLI_TOP = [REPO / "stages" / "cli.py"]
+
+
+@pytest.mark.parametrize("name", sorted(stages()))
+def test_every_module_a_stage_runs_is_in_its_deps(name):
+    stage = definition(stages()[name])
+    deps = [dep for dep in stage["deps"] if "${" not in dep and not dep.startswith("runs/")]
+    cli_imports = {module_path(n) for n in imports_of(CLI_TOP[0], top_level_only=True)} - {None}
+    files = closure([entry_file(stage["cmd"]), *cli_imports]) | set(CLI_TOP)
+    files = {f for f in files if f.name != "__init__.py" or f.stat().st_size > 0}
+    missing = sorted(f.relative_to(REPO).as_posix() for f in files if not covered(f, deps))
+    assert not missing, f"{name}: runs {missing} but its deps do not list them"
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.name)
+def test_every_tracked_params_key_exists_in_every_profile(profile):
+    document = yaml.safe_load(profile.read_text())
+    variants = document["pretrain"].get("variants", {})
+    evaluation = document.get("eval", {})
+    for name, stage in stages().items():
+        items = stage.get("foreach") or [None]
+        for item in items:
+            for key in definition(stage).get("params", []):
+                if "${item.protocol}" in key:
+                    keys = [key.replace("${item.protocol}", p) for p in evaluation.get("protocols", [])]
+                else:
+                    keys = [key.replace("${item}", item) if item else key]
+                for resolved in keys:
+                    value = document
+                    for part in resolved.split("."):
+                        assert isinstance(value, dict) and part in value, f"{profile.name}: {name} tracks {resolved}"
+                        value = value[part]
+    assert set(variants) >= {"beit", "beit-semanticmim", "maskfeat", "maskfeat-semanticmim", "mocov3"}
+
+
+def test_the_evaluation_matrix_reads_its_axes_from_params():
+    matrix = definition(stages()["eval"])["matrix"]
+    assert matrix == {"encoder": "${eval.encoders}", "protocol": "${eval.protocols}"}
+    assert re.search(r"--out runs/eval/\$\{item.encoder\}/\$\{item.protocol\}", definition(stages()["eval"])["cmd"])
