@@ -33,14 +33,44 @@ err_console = Console(stderr=True)
 
 
 def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn bad-input exceptions into a one-line `error: ...` on stderr and exit code 2."""
+    """Turn bad-input exceptions into a one-line `error: ...` on stderr and exit code 2.
+
+    Bad input is an InputError or a missing file; also an image a stage decodes outside a skipping Dataset
+    (`UnreadableImage`, whose message names the file), and settings a stage builds without
+    `stages.params.validate` (pydantic's ValidationError, described as `validate` does). An InputError a
+    DataLoader worker raised is shown by its own message, not torch's worker traceback. The message is
+    printed as text, never as rich markup (a path like `data/[v2]/` stays as it is). Nothing is imported
+    until an error is being shown, so `--help` stays fast."""
+
+    def one_line(error: Exception) -> str | None:
+        """The message to show, or None when `error` is not bad input (a bug: its traceback is shown)."""
+        import sys
+
+        decode, pydantic = sys.modules.get("semanticmim.data.decode"), sys.modules.get("pydantic")
+        if pydantic is not None and isinstance(error, pydantic.ValidationError):
+            from semanticmim.settings import describe
+
+            return describe(error, error.title)
+        unreadable = decode.UnreadableImage if decode is not None else ()
+        if not isinstance(error, (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, unreadable)):
+            return None
+        text = str(error)
+        if text.startswith("Caught ") and "Original Traceback" in text:  # torch re-raised a worker's error
+            last = text.strip().splitlines()[-1]
+            text = last.removeprefix(f"{type(error).__module__}.{type(error).__qualname__}: ")
+        return text
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as error:
-            err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        except Exception as error:
+            message = one_line(error)
+            if message is None:
+                raise
+            from rich.markup import escape
+
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper

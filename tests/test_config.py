@@ -109,3 +109,21 @@ def test_the_default_profile_states_only_departures_from_the_paper():
         paper = METHODS[name].recipe
         same = {k for k, v in values.items() if k in paper and paper[k] == v} - {"num_proxy", "mask_ratio"}
         assert not same, f"{name} restates paper values {same}"
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.name)
+def test_every_profiles_evaluation_sections_validate(profile):
+    """Each protocol in `eval.protocols` has a section its protocol's Settings accept (without running it)."""
+    import importlib
+
+    from stages.evaluate import PROTOCOLS, protocol_name
+    from stages.params import read_section, validate
+
+    evaluation = read_section(profile, "eval")
+    assert evaluation["protocols"] and evaluation["encoders"]
+    for protocol in evaluation["protocols"]:
+        values = dict(evaluation.get(protocol) or {})
+        assert "data" in values, f"{profile.name}: eval.{protocol} has no data"
+        values.pop("data")
+        module = importlib.import_module(PROTOCOLS[protocol_name(protocol)])
+        validate(module.Settings, values, profile, f"eval.{protocol}")

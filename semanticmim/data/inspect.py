@@ -31,6 +31,7 @@ from semanticmim.data.layouts import (
     ClassificationSplit,
     LabelMap,
     SegmentationSplit,
+    _layout,
     available_splits,
     read_label,
     read_split,
@@ -115,7 +116,7 @@ def inspect_dataset(
 def _splits(fmt: str, root: str | Path, splits: list[str] | None) -> list[str]:
     chosen = splits or available_splits(fmt, root)
     if not chosen:
-        raise InputError(f"{root}: no splits found for format {fmt!r}")
+        raise InputError(f"{root}: no splits found for format {fmt!r}; expected {_layout(fmt)}")
     return chosen
 
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import ConfigDict, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from semanticmim.data.layouts import ClassificationDataset
+from semanticmim.data.layouts import ClassificationDataset, SkipLog
 from semanticmim.data.transforms import ClassifierEval, normalize
 from semanticmim.engine.distributed import DistEnv
 from semanticmim.engine.loop import Evaluation, RunOptions, to_device, train
@@ -36,6 +36,9 @@ LAYER_NORM_EPS = 1e-6
 class Settings(Strict):
     """The floor's recipe: the linear probe's (Table 5) on pixels at `img_size`."""
 
+    # the params section these values come from: validation errors name `eval.linear_cls.<key>`
+    model_config = ConfigDict(title="eval.linear_cls")
+
     img_size: PositiveInt = 32  # pixels per side: 3·S² features (32 -> 3072)
     epochs: PositiveInt = 100
     batch_size: PositiveInt = 1024
@@ -50,10 +53,12 @@ class Settings(Strict):
 
 
 @torch.no_grad()
-def pixel_features(split, img_size: int, num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A classification split -> features (N, 3·S²) float32 (normalised, LayerNorm'ed), labels (N,)."""
-    loader = DataLoader(ClassificationDataset(split, ClassifierEval(img_size), lazy_decode=True), batch_size=256,
-                        num_workers=num_workers)
+def pixel_features(split, img_size: int, num_workers: int,
+                   skip_report: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A classification split -> features (N, 3·S²) float32 (normalised, LayerNorm'ed), labels (N,).
+    Unreadable images are skipped and listed in `skip_report` (JSON lines)."""
+    dataset = ClassificationDataset(split, ClassifierEval(img_size), skip_report=skip_report, lazy_decode=True)
+    loader = DataLoader(dataset, batch_size=256, num_workers=num_workers)
     features, labels = [], []
     for images, targets in loader:
         flat = normalize(images).flatten(1)
@@ -93,8 +98,9 @@ def evaluate(data_root: Path, data_format: str, settings: Settings, out_dir: Pat
     """Train and evaluate the floor; -> {"metrics": {top1, best_epoch_top1, best_epoch}, "run": {...}}."""
     train_split, val_split = read_splits("classification", data_format, data_root, settings.train_split,
                                          settings.val_split, None, "eval.linear_cls")
-    train_x, train_y = pixel_features(train_split, settings.img_size, settings.num_workers)
-    val_x, val_y = pixel_features(val_split, settings.img_size, settings.num_workers)
+    skipped = Path(out_dir) / "skipped.jsonl"
+    train_x, train_y = pixel_features(train_split, settings.img_size, settings.num_workers, skipped)
+    val_x, val_y = pixel_features(val_split, settings.img_size, settings.num_workers, skipped)
     torch.manual_seed(settings.run.seed)
     head = nn.Linear(train_x.shape[1], len(train_split.classes))
     nn.init.normal_(head.weight, std=0.01)
@@ -117,5 +123,6 @@ def evaluate(data_root: Path, data_format: str, settings: Settings, out_dir: Pat
                     evaluate=Evaluation(lambda: accuracy(head, val_x, val_y), settings.eval_every))
     numbers = metrics["history"].summary("", ["top1"], "top1")
     details = {"features": int(train_x.shape[1]), "train_images": len(train_x), "val_images": len(val_x),
-               "classes": len(train_split.classes), "lr_scaled": schedule.lr, "global_batch": schedule.effective_batch}
+               "classes": len(train_split.classes), "lr_scaled": schedule.lr, "global_batch": schedule.effective_batch,
+               "skipped_images": len(SkipLog(skipped).entries())}
     return protocol_result(numbers, details, ["top1"])
