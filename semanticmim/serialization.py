@@ -53,7 +53,14 @@ def read_model_header(path: str | Path) -> dict:
         raise InputError(f"{path}: not a safetensors file ({str(error).splitlines()[0]})") from None
     if METADATA_KEY not in metadata:
         raise InputError(f"{path}: safetensors file has no '{METADATA_KEY}' metadata (not a semanticmim model)")
-    return json.loads(metadata[METADATA_KEY])
+    try:
+        header = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}: '{METADATA_KEY}' metadata is not JSON ({error})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("kind"), str):
+        raise InputError(f"{path}: '{METADATA_KEY}' metadata must be a JSON object with 'kind' and 'config'")
+    header.setdefault("config", None)
+    return header
 
 
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

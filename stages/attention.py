@@ -4,7 +4,8 @@ the measured consistency / completeness) -> runs/attention/ENCODER/.
 Computed through the exported timm encoder, so MoCo v3, BEiT, SemanticMIM and any third-party timm ViT
 are treated alike. Fixed, seeded images of the profile's segmentation validation split and fixed query
 patches (both recorded in run.json). Outputs: `maps.safetensors` (the arrays the figures draw), metrics.json
-(numbers only: consistency, completeness, mean attention distance) and run.json.
+(numbers only: consistency, completeness, mean attention distance), run.json and skipped.jsonl
+(unreadable images of the draw: counted and skipped).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from safetensors.torch import save_file
 
-from semanticmim.data.decode import load_rgb
+from semanticmim.data.decode import UnreadableImage, load_rgb
 from semanticmim.data.layouts import read_label, read_split
 from semanticmim.engine import distributed
 from semanticmim.engine.progress import write_json_atomic
@@ -56,23 +57,30 @@ class AttentionParams(Strict):
     min_label_fraction: float = Field(0.5, gt=0.0, le=1.0)  # a patch's label: its majority class, if this share
 
 
-def load_images(params: AttentionParams, root: Path, img_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """A seeded draw of `heatmap_images` images of the split, resized to `img_size`:
-    -> uint8 images (B, 3, S, S), int64 labels (B, S, S) (255 = ignore), and their paths."""
+def load_images(params: AttentionParams, root: Path, img_size: int
+                ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[dict]]:
+    """A seeded draw of `heatmap_images` images of the split, resized to `img_size`: -> uint8 images
+    (B, 3, S, S), int64 labels (B, S, S) (255 = ignore), their paths, and the unreadable files skipped."""
     split = read_split(params.data_format, root, params.split)
     if not split.samples:
         raise InputError(f"{root}: split {params.split!r} has no images for the attention analysis")
     order = np.random.default_rng(params.seed).permutation(len(split.samples))[: params.heatmap_images]
-    images, labels, paths = [], [], []
+    images, labels, paths, skipped = [], [], [], []
     for index in order.tolist():
         image_path, label_path = split.samples[index]
-        pixels = torch.from_numpy(np.asarray(load_rgb(image_path), dtype=np.uint8).copy()).permute(2, 0, 1)
-        label = torch.from_numpy(split.label_map.apply(read_label(label_path), label_path))
+        try:
+            pixels = torch.from_numpy(np.asarray(load_rgb(image_path), dtype=np.uint8).copy()).permute(2, 0, 1)
+            label = torch.from_numpy(split.label_map.apply(read_label(label_path), label_path))
+        except UnreadableImage as error:
+            skipped.append({"path": str(error.path), "reason": error.reason})
+            continue
         images.append(F.interpolate(pixels[None].float(), size=(img_size, img_size), mode="bicubic",
                                     antialias=True).clamp(0, 255).round().to(torch.uint8)[0])
         labels.append(F.interpolate(label[None, None].float(), size=(img_size, img_size), mode="nearest")[0, 0].long())
         paths.append(str(Path(image_path).relative_to(root)))
-    return torch.stack(images), torch.stack(labels), paths
+    if not images:
+        raise InputError(f"{root}: no readable image in split {params.split!r} for the attention analysis")
+    return torch.stack(images), torch.stack(labels), paths, skipped
 
 
 def depth_choice(depth: int, count: int) -> list[int]:
@@ -135,7 +143,7 @@ def run(encoder_dir: Path, params_file: Path, out_dir: Path, device: str = "auto
         encoder.model.to(env.device)
         img_size = int(encoder.model.patch_embed.img_size[0])
         root = resolve_path(params.data_root, params_file)
-        images, labels, paths = load_images(params, root, img_size)
+        images, labels, paths, skipped = load_images(params, root, img_size)
         arrays, numbers, chosen = analyse(encoder, images.to(env.device), labels.to(env.device), params)
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / ".maps.safetensors.tmp"
@@ -143,9 +151,10 @@ def run(encoder_dir: Path, params_file: Path, out_dir: Path, device: str = "auto
                   metadata={"chosen": json.dumps(chosen)})
         tmp.replace(out_dir / "maps.safetensors")
         info = run_info("attention", {"settings": params.model_dump(mode="json"), **chosen, "images": paths,
-                                      "encoder": encoder.identity}, params_file, env)
+                                      "skipped": skipped, "encoder": encoder.identity}, params_file, env)
         write_json_atomic(out_dir / "run.json", info)
         write_json_atomic(out_dir / "metrics.json", numbers)
+        (out_dir / "skipped.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in skipped))
         return numbers
     finally:
         distributed.teardown()

@@ -73,8 +73,8 @@ def import_tokenizer(params: DVAEParams, params_file: Path, out_dir: Path, env) 
     print(f"note: {pickle_path} is a Python pickle and will be unpickled (dvae.dalle_weights); use only a file "
           "you trust. Globals outside torch's module classes are refused.", file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "model.safetensors").unlink(missing_ok=True)  # an earlier trained dVAE: not this tokenizer's decoder
     tokenizer = import_openai_pickle(pickle_path, out_dir / "tokenizer.safetensors").to(env.device).eval()
+    (out_dir / "model.safetensors").unlink(missing_ok=True)  # an earlier trained dVAE: not this tokenizer's decoder
     root = resolve_path(params.data.root, params_file)
     val_set = ClassificationDataset(read_imagefolder(root, params.data.val_split),
                                     TokenizerView(params.image_size, (1.0, 1.0), flip=0.0))

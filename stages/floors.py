@@ -17,7 +17,7 @@ from pydantic import PositiveInt
 
 from semanticmim.engine import distributed
 from semanticmim.engine.progress import write_json_atomic
-from semanticmim.eval import pixels
+from semanticmim.eval import linear, pixels
 from semanticmim.methods import METHODS, build_variant, encoder_config, method
 from semanticmim.models.export import export_timm
 from semanticmim.serialization import save_model
@@ -65,7 +65,10 @@ def raw_pixels(params_file: Path, out_dir: Path, quiet: bool = False) -> dict:
     floors = floor_params(params_file)
     probe = dict(read_section(params_file, "eval").get("linear_cls") or {})
     data_root, data_format = read_data(probe, params_file, "linear_cls", None, None)
-    settings = pixels.Settings(img_size=floors.pixels_img_size, **{k: probe[k] for k in PROBE_KEYS if k in probe})
+    linear_settings = validate(linear.Settings, probe, params_file, "eval.linear_cls")  # the probe's own checks
+    values = {k: getattr(linear_settings, k) for k in PROBE_KEYS if k in probe}
+    settings = validate(pixels.Settings, {"img_size": floors.pixels_img_size, **values}, params_file,
+                        "eval.linear_cls")
     env = distributed.setup("cpu")
     try:
         results = pixels.evaluate(data_root, data_format, settings, out_dir, env, quiet)

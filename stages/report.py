@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 from pydantic import Field
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from semanticmim.errors import InputError
 from semanticmim.report import (
     Cell,
     plot_attention_distance,
@@ -178,9 +179,14 @@ def load_maps(sources: Sources, encoders: list[str]) -> dict[str, dict]:
         path = sources.attention_dir(encoder) / "maps.safetensors"
         if not path.is_file():
             continue
-        with safe_open(str(path), framework="np") as handle:
-            found[encoder] = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-            found[encoder]["chosen"] = json.loads((handle.metadata() or {})["chosen"])
+        try:
+            with safe_open(str(path), framework="np") as handle:
+                found[encoder] = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+                found[encoder]["chosen"] = json.loads((handle.metadata() or {})["chosen"])
+        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as error:
+            raise InputError(f"{path}: not the attention stage's maps ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else 'no chosen metadata'}); rerun "
+                             "the attention stage") from None
     return found
 
 

@@ -48,7 +48,7 @@ def test_bench_loop_reports_where_step_time_goes(tmp_path):
         "pretrain:\n"
         "  model: {img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}\n"
         f"  data: {{root: {tmp_path / 'data' / 'classification'}, num_workers: 0}}\n"
-        "  recipe: {epochs: 7, effective_batch: 16, batch_size: 16, lr_batch: 16, mlp_dim: 32, out_dim: 16}\n"
+        "  recipe: {epochs: 7, batch_size: 16, lr_batch: 16, mlp_dim: 32, out_dim: 16}\n"
         "  variants: {mocov3: {epochs: 3}}\n")
     result = runner.invoke(app, ["bench", "--loop", "--params", str(params), "--variant", "maskfeat",
                                  "--variant", "mocov3", "--json"])

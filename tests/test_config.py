@@ -33,7 +33,7 @@ def test_paper_profile_is_table_2():
     assert (maskfeat.lr, maskfeat.min_lr, maskfeat.warmup_epochs, maskfeat.clip_grad, maskfeat.crop_scale) == (
         1.6e-3, 1e-6, 30, 0.02, (0.5, 1.0))
     assert (maskfeat.mask_ratio, maskfeat.num_proxy, beit.mask_ratio, beit.num_proxy) == (0.6, 8, 0.4, 1)
-    assert beit.effective_batch == 2048 and beit.scaled_lr(1024) == pytest.approx(0.75e-3)
+    assert beit.batch_size == 2048 and beit.scaled_lr(1024) == pytest.approx(0.75e-3)
 
 
 def write(tmp_path: Path, document) -> Path:

@@ -54,7 +54,7 @@ def write_params(folder: Path, root: Path, **overrides) -> Path:
         "model": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
         "data": {"root": str(root), "num_workers": 0},
         "run": {"checkpoint_every": 2, "log_every": 1, "keep_checkpoints": 2},
-        "recipe": {"drop_path": 0.1, "epochs": 2, "effective_batch": 16, "batch_size": 16, "lr": 1e-3, "lr_batch": 16,
+        "recipe": {"drop_path": 0.1, "epochs": 2, "batch_size": 16, "lr": 1e-3, "lr_batch": 16,
                    "warmup_epochs": 0.5, "mlp_dim": 64, "out_dim": 16},
     }
     for key, value in overrides.items():
@@ -275,7 +275,7 @@ def test_torchrun_two_processes_match_one(dataset_root, tmp_path):
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     single = write_params(tmp_path / "one", dataset_root, **{"drop_path": 0.0})
-    double = write_params(tmp_path / "two", dataset_root, batch_size=8, **{"drop_path": 0.0})
+    double = write_params(tmp_path / "two", dataset_root, batch_per_device=8, **{"drop_path": 0.0})
     one = run_cli(single, tmp_path / "one" / "run", variant="maskfeat")
     assert one.wait(timeout=300) == 0, one.stdout.read()
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
@@ -317,7 +317,7 @@ def test_a_failing_rank_does_not_hang_the_others(tmp_path):
 def test_mocov3_momentum_moves_once_per_optimizer_step_under_accumulation(dataset_root, tmp_path, monkeypatch):
     """With accumulation 4 the momentum encoder is updated once per optimizer step (m, not m^4): after the
     run, its weights equal m·old + (1 − m)·online replayed once per step from the checkpoints."""
-    params = write_params(tmp_path, dataset_root, epochs=1, effective_batch=16, batch_size=4,
+    params = write_params(tmp_path, dataset_root, epochs=1, batch_size=16, batch_per_device=4,
                           **{"run.checkpoint_every": 1, "run.keep_checkpoints": 10})
     calls = []
     original = MoCoTask.before_step

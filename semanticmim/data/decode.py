@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 __all__ = ["EncodedImage", "UnreadableImage", "load_rgb"]
 
@@ -66,6 +66,8 @@ class EncodedImage:
     def __init__(self, data: bytes, name: str | Path):
         self.data = data
         self.name = Path(name)
+        if not data:
+            raise UnreadableImage(self.name, "empty file (0 bytes)")
         jpeg = _jpeg_frame(data)
         if jpeg is not None:  # 10× cheaper than PIL's header parsing, which reads every table
             self.size, self.format, self.mode = jpeg[:2], "JPEG", _JPEG_MODES[jpeg[2]]
@@ -168,6 +170,8 @@ def _reading(path: str | Path) -> Iterator[None]:
         raise UnreadableImage(path, "no such file") from None
     except IsADirectoryError:
         raise UnreadableImage(path, "is a directory, expected an image file") from None
+    except UnidentifiedImageError:  # its message names the in-memory buffer (a random address), not the file
+        raise UnreadableImage(path, "not an image file PIL can identify (unknown format or no image data)") from None
     # PIL plugins raise many exception types on corrupt data (OSError, SyntaxError, struct.error,
     # IndexError, DecompressionBombError…); all of them mean "this file is not a usable image".
     except Exception as error:

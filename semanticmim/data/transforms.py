@@ -533,6 +533,9 @@ class TokenizerView:
     takes it to [0, 1] with `unit_range` (the tokenizer applies OpenAI's 0.8·x + 0.1 itself)."""
 
     def __init__(self, img_size: int, scale: tuple[float, float] = (0.5, 1.0), flip: float = 0.5):
+        scale = tuple(scale)
+        if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:  # else crops are silently wrong or crash later
+            raise InputError(f"crop_scale must satisfy 0 < low <= high <= 1, got {scale}")
         self.img_size, self.scale, self.flip = img_size, scale, flip
 
     def __call__(self, source: ImageSource) -> torch.Tensor:

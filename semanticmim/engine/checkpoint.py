@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -77,8 +78,8 @@ class StaleCheckpoint(InputError):
 
 def check_compatible(path: Path, model: nn.Module, variant: str, settings: str) -> dict:
     """The checkpoint's state, or a one-line StaleCheckpoint saying what differs."""
-    state = json.loads((path / "state.json").read_text())
-    advice = "use another --out folder or delete its checkpoints/"
+    state = _read_state(path / "state.json")
+    advice = "use another output folder or delete its checkpoints/"
     if state.get("variant") != variant:
         raise StaleCheckpoint(f"{path}: checkpoint has variant={state.get('variant')!r} but this run has "
                               f"variant={variant!r}; {advice}")
@@ -95,7 +96,38 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                     settings: str) -> dict:
     """Restore model and optimizer from `path`; refuse one from another variant, architecture or recipe."""
     state = check_compatible(path, model, variant, settings)
-    load_state_strict(model, load_file(str(path / "model.safetensors")), str(path))
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
+    load_state_strict(model, _read_tensors(path / "model.safetensors"), str(path))
+    tensors = _read_tensors(path / "optimizer.safetensors")
+    try:
+        optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
+    except (KeyError, TypeError, ValueError) as error:  # a state.json / optimizer.safetensors of another run
+        raise InputError(f"{path}: optimizer state does not fit this run's optimizer ({_first_line(error)}); "
+                         f"{_DAMAGED}") from None
     return state
+
+
+_DAMAGED = "delete this checkpoint folder to resume from an earlier one, or its checkpoints/ to start afresh"
+
+
+def _read_state(path: Path) -> dict:
+    """A checkpoint's state.json, or a one-line InputError (truncated, not JSON, not an object)."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path}: unreadable checkpoint state ({_first_line(error)}); {_DAMAGED}") from None
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: checkpoint state must be a JSON object, got {type(state).__name__}; {_DAMAGED}")
+    return state
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's safetensors file, or a one-line InputError (missing, truncated, foreign)."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InputError(f"{path}: unreadable checkpoint file ({_first_line(error)}); {_DAMAGED}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

@@ -1,7 +1,8 @@
 """The recipe of a training run and the batch arithmetic derived from it.
 
 `Recipe` is the one type for how long and how hard a run trains (pretraining, the dVAE and the
-evaluation protocols extend it): the global batch and the per-device batch, the lr stated at `lr_batch`
+evaluation protocols extend it): the global batch (`batch_size`) and the per-device batch
+(`batch_per_device`, the same names as in every params section), the lr stated at `lr_batch`
 and scaled linearly with the global batch (the one place the lr is scaled), warmup, cosine floor, AdamW
 hyper-parameters, clipping and the crop scale. `Recipe.plan(num_samples, world_size)` returns the
 `Schedule` (lr already scaled) and the `Plan` (accumulation, steps). pydantic validates it directly
@@ -81,8 +82,8 @@ class Recipe:
     __pydantic_config__ = ConfigDict(extra="forbid")
 
     epochs: PositiveInt = 300
-    effective_batch: PositiveInt = 2048  # the recipe's global batch; gradient accumulation makes it up
-    batch_size: PositiveInt = 64  # per device, what fits
+    batch_size: PositiveInt = 2048  # the recipe's global batch; gradient accumulation makes it up
+    batch_per_device: PositiveInt | None = None  # what fits; None: batch_size / world size
     lr: PositiveFloat = 1.5e-3
     lr_batch: PositiveInt = 2048  # `lr` is stated for this global batch and scaled linearly from it
     min_lr: NonNegativeFloat = 1e-5
@@ -100,9 +101,12 @@ class Recipe:
         """The recipe's lr rule: linear in the global batch, from `lr` at `lr_batch`."""
         return self.lr * global_batch / self.lr_batch
 
+    def per_device(self, world_size: int) -> int:
+        return self.batch_per_device or max(1, self.batch_size // world_size)
+
     def plan(self, num_samples: int, world_size: int) -> tuple[Schedule, Plan]:
         """The schedule (lr scaled to the global batch the plan reaches) and the batch plan of a run."""
-        schedule = Schedule(self.epochs, self.batch_size, self.effective_batch, 0.0, self.min_lr, self.warmup_epochs,
-                            self.weight_decay, tuple(self.betas), self.eps, self.clip_grad)
+        schedule = Schedule(self.epochs, self.per_device(world_size), self.batch_size, 0.0, self.min_lr,
+                            self.warmup_epochs, self.weight_decay, tuple(self.betas), self.eps, self.clip_grad)
         plan = plan_batches(schedule, num_samples, world_size)
         return Schedule(**{**vars(schedule), "lr": self.scaled_lr(plan.global_batch)}), plan

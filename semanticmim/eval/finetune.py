@@ -175,7 +175,7 @@ class Settings(Strict):
         return self.batch_per_device or max(1, self.batch_size // world_size)
 
     def recipe(self, world_size: int) -> Recipe:
-        return Recipe(epochs=self.epochs, effective_batch=self.batch_size, batch_size=self.per_device(world_size),
+        return Recipe(epochs=self.epochs, batch_size=self.batch_size, batch_per_device=self.per_device(world_size),
                       lr=self.lr, lr_batch=self.lr_batch, min_lr=self.min_lr, warmup_epochs=self.warmup_epochs,
                       weight_decay=self.weight_decay, betas=self.betas, clip_grad=self.clip_grad,
                       crop_scale=self.crop_scale)

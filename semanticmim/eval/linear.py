@@ -129,7 +129,7 @@ class Settings(Strict):
 
     def recipe(self, world_size: int, lr: float | None = None) -> Recipe:
         """The engine's recipe type for this probe (`lr`: a grid head's, stated for `lr_batch` too)."""
-        return Recipe(epochs=self.epochs, effective_batch=self.batch_size, batch_size=self.per_device(world_size),
+        return Recipe(epochs=self.epochs, batch_size=self.batch_size, batch_per_device=self.per_device(world_size),
                       lr=lr or self.lr, lr_batch=self.lr_batch, min_lr=self.min_lr, warmup_epochs=self.warmup_epochs,
                       weight_decay=self.weight_decay, betas=self.betas, clip_grad=None, crop_scale=self.crop_scale)
 

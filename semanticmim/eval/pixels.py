@@ -106,8 +106,8 @@ def evaluate(data_root: Path, data_format: str, settings: Settings, out_dir: Pat
     nn.init.normal_(head.weight, std=0.01)
     nn.init.zeros_(head.bias)
     head.to(env.device)
-    recipe = Recipe(epochs=settings.epochs, effective_batch=min(settings.batch_size, len(train_x)),
-                    batch_size=min(settings.batch_size, len(train_x)), lr=settings.lr, lr_batch=settings.lr_batch,
+    recipe = Recipe(epochs=settings.epochs, batch_size=min(settings.batch_size, len(train_x)), lr=settings.lr,
+                    lr_batch=settings.lr_batch,
                     min_lr=0.0, warmup_epochs=0.0, weight_decay=settings.weight_decay, clip_grad=None)
     schedule, _plan = recipe.plan(len(train_x), 1)
 

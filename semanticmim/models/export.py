@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from semanticmim.errors import InputError
 from semanticmim.models.factory import load_model
 from semanticmim.models.vit import ProxyViT
+from semanticmim.serialization import model_kind
 
 _TIMM_NAMES = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
                1024: "vit_large_patch16_224"}
@@ -55,7 +57,11 @@ def timm_state_dict(encoder: ProxyViT) -> dict[str, torch.Tensor]:
 
 def export_timm(checkpoint: str | Path, out_dir: str | Path) -> dict:
     """Write `out_dir/model.safetensors` + `out_dir/config.json` for the encoder of a saved model."""
-    encoder = load_model(checkpoint).encoder
+    model = load_model(checkpoint)
+    encoder = getattr(model, "encoder", None)
+    if not isinstance(encoder, ProxyViT):
+        raise InputError(f"{checkpoint}: holds a {model_kind(model)!r} model, which has no ViT encoder to export; "
+                         "expected a pretraining model (MIM or MoCo v3) written by `semanticmim pretrain`")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = timm_config(encoder)

@@ -59,7 +59,16 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
     if header.get("kind") not in _KINDS:
         raise InputError(f"{path}: holds a {header.get('kind')!r}, not a pretraining model ({sorted(_KINDS)})")
     model_cls, config_cls = _KINDS[header["kind"]]
-    config = config_cls.from_dict(header["config"])
+    try:
+        config = config_cls.from_dict(header["config"])
+    except (InputError, TypeError, KeyError, ValueError, AttributeError) as error:
+        raise InputError(f"{path}: the {header['kind']!r} config in its metadata is not one this version builds "
+                         f"({_first_line(error)})") from None
     model = model_cls.from_config(config) if model_cls is DiscreteVAE else model_cls(config)
     load_state_strict(model, load_file(str(path), device=str(map_location)), str(path))
     return model
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

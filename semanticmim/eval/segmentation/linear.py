@@ -115,7 +115,7 @@ class Settings(Strict):
     def recipe(self, world_size: int) -> Recipe:
         """The batch and lr arithmetic of the engine's recipe type (SGD: no warmup, no cosine, no betas)."""
         per_device = self.per_device_batch or math.ceil(self.batch_size / world_size)
-        return Recipe(epochs=self.epochs, effective_batch=self.batch_size, batch_size=per_device, lr=self.lr,
+        return Recipe(epochs=self.epochs, batch_size=self.batch_size, batch_per_device=per_device, lr=self.lr,
                       lr_batch=self.lr_batch, min_lr=0.0, warmup_epochs=0.0, weight_decay=self.weight_decay,
                       clip_grad=None, crop_scale=self.crop_scale)
 

@@ -93,7 +93,7 @@ class Settings(Strict):
         """The batch and lr arithmetic of the engine's recipe type; the lr is stated for `batch_size`
         (Table 4's 16; mmseg scales nothing) and the warmup is in steps (`warmup_steps`), not epochs."""
         per_device = self.per_device_batch or math.ceil(self.batch_size / world_size)
-        return Recipe(epochs=1, effective_batch=self.batch_size, batch_size=per_device, lr=self.lr,
+        return Recipe(epochs=1, batch_size=self.batch_size, batch_per_device=per_device, lr=self.lr,
                       lr_batch=self.batch_size, min_lr=self.min_lr, warmup_epochs=0.0,
                       weight_decay=self.weight_decay, betas=self.betas, eps=self.eps, clip_grad=None)
 
