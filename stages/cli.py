@@ -130,7 +130,9 @@ def bench_command(
         from stages.bench.data import collect_images, measure_pipelines
 
         if sample_photos is None:
-            records = measure_pipelines(collect_images(data, limit), img_size, seconds=seconds)
+            records, skipped = measure_pipelines(collect_images(data, limit), img_size, seconds=seconds)
+            for path in skipped:
+                err_console.print(f"skipped: {path}: not a readable image", highlight=False, soft_wrap=True)
         else:
             import tempfile
 
@@ -139,7 +141,7 @@ def bench_command(
             if sample_photos < 1:
                 raise InputError(f"--sample-photos: expected at least 1 image, got {sample_photos}")
             with tempfile.TemporaryDirectory(prefix="semanticmim-photos-") as folder:
-                records = measure_pipelines(write_photo_jpegs(folder, sample_photos), img_size, seconds=seconds)
+                records, _ = measure_pipelines(write_photo_jpegs(folder, sample_photos), img_size, seconds=seconds)
         if as_json:
             print_json(records)
             return

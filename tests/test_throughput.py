@@ -38,6 +38,7 @@ def _assert_records(records, pipelines, max_images):
             "wall_seconds",
             "img_per_s_per_core",
             "bits_per_pixel",
+            "skipped_files",
         }
         assert 1 <= record["images"] <= max_images
         assert record["seconds"] > 0 and record["wall_seconds"] > 0
@@ -46,7 +47,7 @@ def _assert_records(records, pipelines, max_images):
 
 
 def test_every_pipeline_measured(tmp_path):
-    records = measure_pipelines(_jpegs(tmp_path / "images"), img_size=32, seconds=0.3, max_images=4)
+    records, _ = measure_pipelines(_jpegs(tmp_path / "images"), img_size=32, seconds=0.3, max_images=4)
     expected = [(name, "folder") for name in PIPELINES] + [("maskfeat", "shards")]
     _assert_records(records, expected, max_images=4)
     paths = _jpegs(tmp_path / "images")
@@ -79,10 +80,11 @@ def test_reference_pipeline_matches_ours_in_distribution(tmp_path):
 def test_unreadable_files_are_left_out(tmp_path):
     paths = _jpegs(tmp_path / "images", count=2)
     (tmp_path / "images" / "bad.jpg").write_bytes(b"junk")
-    records = measure_pipelines(
+    records, skipped = measure_pipelines(
         [*paths, tmp_path / "images" / "bad.jpg"], 32, seconds=0.2, max_images=3, pipelines=["maskfeat"], shards=()
     )
     _assert_records(records, [("maskfeat", "folder")], max_images=3)
+    assert skipped == [str(tmp_path / "images" / "bad.jpg")] and records[0]["skipped_files"] == 1
 
 
 def test_bad_arguments(tmp_path):
@@ -119,5 +121,5 @@ def test_on_cifar_jpegs(tmp_path):
         archive.extractall(tmp_path, members=members, filter="data")
     samples = collect_images(tmp_path)
     assert len(samples) == 8
-    records = measure_pipelines(samples, img_size=32, seconds=0.2, max_images=5, pipelines=["maskfeat", "linear"])
+    records, _ = measure_pipelines(samples, img_size=32, seconds=0.2, max_images=5, pipelines=["maskfeat", "linear"])
     _assert_records(records, [("maskfeat", "folder"), ("linear", "folder"), ("maskfeat", "shards")], max_images=5)

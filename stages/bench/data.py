@@ -74,7 +74,7 @@ def measure_pipelines(
     shards: Sequence[str] = ("maskfeat",),
     shard_max_side: int = 320,
     seed: int = 0,
-) -> list[dict]:
+) -> tuple[list[dict], list[str]]:
     """Time each pipeline on `samples` (cycled), from file bytes to augmented tensors.
 
     Each pipeline runs for `seconds` of CPU time or `max_images` images, whichever comes first. The
@@ -82,8 +82,8 @@ def measure_pipelines(
     written (into a temporary directory) with longer side ≤ shard_max_side.
     Returns one record per run: {pipeline, source ("folder" | "shards"), img_size, images, seconds
     (CPU), wall_seconds, img_per_s_per_core, bits_per_pixel (of the files read: decode time grows
-    with it)}; when `maskfeat-reference` ran, the MaskFeat records add vs_reference = their img/s over its.
-    """
+    with it), skipped_files}; when `maskfeat-reference` ran, the MaskFeat records add vs_reference = their
+    img/s over its. -> (records, the unreadable files skipped)."""
     unknown = sorted(set(pipelines) - set(PIPELINES))
     if unknown:
         raise InputError(f"pipelines {unknown}: expected some of {sorted(PIPELINES)}")
@@ -92,6 +92,7 @@ def measure_pipelines(
     readable = [path for path in samples if _readable(path)]
     if not readable:
         raise InputError(f"samples: none of the {len(samples)} files is a readable image, e.g. {samples[0]}")
+    skipped = [str(path) for path in samples if path not in set(readable)]
     records = []
     bits = _bits_per_pixel(EncodedImage.from_file(path) for path in readable)
     with _one_thread():
@@ -102,7 +103,7 @@ def measure_pipelines(
             records.append(_measure(name, "folder", img_size, transform, sources, seconds, max_images) | bits)
         if shards:
             records += _measure_shards(readable, img_size, shards, shard_max_side, seconds, max_images)
-    return _with_ratios(records)
+    return [{**record, "skipped_files": len(skipped)} for record in _with_ratios(records)], skipped
 
 
 def _with_ratios(records: list[dict]) -> list[dict]:
@@ -189,8 +190,9 @@ def _endless(dataset: ShardDataset) -> Iterator[EncodedImage]:
 
 
 def _readable(path: Path) -> bool:
+    """Whether the whole file decodes (a header that parses is not enough: truncated pixels fail later)."""
     try:
-        EncodedImage.from_file(path)
+        EncodedImage.from_file(path).decode()
     except UnreadableImage:
         return False
     return True
