@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import torch
 from pydantic import PositiveInt
@@ -18,7 +17,8 @@ from pydantic import PositiveInt
 from semanticmim.engine import distributed
 from semanticmim.engine.progress import write_json_atomic
 from semanticmim.eval import linear, pixels
-from semanticmim.methods import METHODS, build_variant, encoder_config, method
+from semanticmim.methods import build_variant, encoder_config, method
+from semanticmim.methods.registry import VariantName
 from semanticmim.models.export import export_timm
 from semanticmim.serialization import save_model
 from semanticmim.settings import Strict
@@ -26,7 +26,6 @@ from stages.common import run_info
 from stages.evaluate import read_data
 from stages.params import load_section, read_section, validate
 
-VariantName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 PROBE_KEYS = ("epochs", "batch_size", "lr", "lr_batch", "weight_decay", "eval_every", "num_workers", "train_split",
               "val_split")
 

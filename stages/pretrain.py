@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt
@@ -31,7 +31,7 @@ from semanticmim.methods import (
     method,
     resolve_recipe,
 )
-from semanticmim.methods.registry import recipe_sources
+from semanticmim.methods.registry import VariantName, recipe_sources
 from semanticmim.methods.tasks import MIMTask
 from semanticmim.models.export import export_timm
 from semanticmim.models.factory import load_model, read_model_header
@@ -59,7 +59,6 @@ class HOGParams(Strict):
     cell_size: PositiveInt | None = None  # None: patch_size / 2 (8 px at 16-px patches)
 
 
-VariantName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 
 
 class PretrainParams(Strict):

@@ -95,6 +95,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 _RECIPE = TypeAdapter(PretrainRecipe)
+VariantName = Literal[tuple(METHODS)]  # type: ignore[valid-type]  # a params field naming a variant
 
 
 def method(name: str) -> Method:

@@ -91,6 +91,19 @@ def evaluation_record(scores: dict) -> dict[str, float]:
     return record
 
 
+def training_details(encoder, train_split, val_split, train_data, val_data, trained: dict, plan) -> dict[str, Any]:
+    """What both segmentation protocols record of a training run beside their settings: the encoder's
+    identity, the splits, the loop's numbers, the batch plan and the images skipped."""
+    return {
+        "encoder": encoder.identity,
+        "splits": {"train": train_split.name, "val": val_split.name, "train_images": len(train_data),
+                   "val_images": len(val_data)},
+        "train": {key: trained.get(key) for key in ("final_loss", "steps", "wall_time_s", "img_per_s")},
+        "batch_plan": vars(plan),
+        "skipped_images": len(train_data.skipped),
+    }
+
+
 def segmentation_result(history: History, classes: Sequence[str], run: dict[str, Any]) -> dict[str, dict]:
     """The protocol's `{"metrics", "run"}` from its evaluations (see the module docstring)."""
     last, unit = history.last(), history.unit

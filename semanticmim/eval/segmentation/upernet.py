@@ -41,6 +41,7 @@ from semanticmim.eval.segmentation.protocol import (
     scaled_blocks,
     segmentation_loss,
     segmentation_result,
+    training_details,
 )
 from semanticmim.eval.splits import read_splits
 from semanticmim.settings import Strict
@@ -258,10 +259,5 @@ def evaluate(
                     evaluate=Evaluation(evaluate_now, settings.eval_interval, "step"))
     return segmentation_result(trained["history"], classes, {
         "used": used,
-        "encoder": encoder.identity,
-        "splits": {"train": train_split.name, "val": val_split.name, "train_images": len(train_data),
-                   "val_images": len(val_data)},
-        "train": {key: trained.get(key) for key in ("final_loss", "steps", "wall_time_s", "img_per_s")},
-        "batch_plan": vars(plan),
-        "skipped_images": len(train_data.skipped),
+        **training_details(encoder, train_split, val_split, train_data, val_data, trained, plan),
     })
