@@ -212,12 +212,18 @@ def pretrain_command(
     quiet: Annotated[bool, typer.Option(help="No progress bar; one line per epoch.")] = False,
     discard_stale_checkpoints: Annotated[bool, typer.Option(
         help="Delete checkpoints written with other settings instead of refusing them (dvc.yaml uses it).")] = False,
+    set_values: Annotated[list[str] | None, typer.Option(
+        "--set", help="KEY=VALUE: a recipe value for this run on top of the profile's (an ablation point, "
+        "e.g. --set num_proxy=4); repeatable.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed instead of pretrain.run.seed (the seeds axis).")] = None,
 ) -> None:
     """Pretrain one variant; rerunning the same command after a kill resumes from the last checkpoint."""
     from stages import pretrain
 
     out = out or Path("runs/pretrain") / variant
-    metrics = run_training(lambda: pretrain.run(variant, params, out, quiet, device, discard_stale_checkpoints))
+    overrides = pretrain.parse_overrides(set_values or [])
+    metrics = run_training(lambda: pretrain.run(variant, params, out, quiet, device, discard_stale_checkpoints,
+                                                overrides, seed))
     typer.echo(f"{variant}: final loss {metrics['final_loss']:.4f}, {metrics['img_per_s']:.0f} img/s")
 
 
@@ -228,7 +234,7 @@ def pretrain_command(
 @friendly_errors
 def data_inspect_command(
     root: Annotated[Path, typer.Argument(help="Dataset root folder.")],
-    fmt: Annotated[
+    layout: Annotated[
         str, typer.Option("--format", help="imagefolder | imagenet | voc | ade20k | pairs")
     ] = "imagefolder",
     split: Annotated[
@@ -248,13 +254,13 @@ def data_inspect_command(
 
     from semanticmim.data.inspect import inspect_dataset
 
-    if void_label is not None and fmt != "pairs":
-        raise InputError(f"--void-label applies to --format pairs only (got --format {fmt})")
+    if void_label is not None and layout != "pairs":
+        raise InputError(f"--void-label applies to --format pairs only (got --format {layout})")
     options = {"void_label": void_label} if void_label is not None else {}
     with Progress(console=err_console, transient=True, disable=json_output or not err_console.is_terminal) as progress:
         task = progress.add_task("reading images", total=None)
         report = inspect_dataset(
-            root, fmt, split or None, workers, lambda done: progress.advance(task, done), **options
+            root, layout, split or None, workers, lambda done: progress.advance(task, done), **options
         )
     if json_output:
         print_json(report.to_dict())
@@ -274,7 +280,7 @@ def _print_dataset_report(report: Any) -> None:
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"{report.format} dataset at {report.root}")
+    table = Table(title=f"{report.layout} dataset at {report.root}")
     for column in ("split", "listed", "readable", "skipped"):
         table.add_column(column, justify="left" if column == "split" else "right")
     for name, stats in report.splits.items():
@@ -407,7 +413,7 @@ def eval_command(
     protocol: Annotated[str, typer.Argument(help="linear-cls | finetune-cls | linear-seg | finetune-seg (or with _)")],
     encoder: Annotated[Path, typer.Option(help="timm-format export: model.safetensors + config.json.")],
     data: Annotated[Path | None, typer.Option(help="Dataset root (default: the params' eval.<protocol>.data).")] = None,
-    format: Annotated[str | None, typer.Option("--format", help="imagefolder | imagenet | voc | ade20k | pairs "
+    layout: Annotated[str | None, typer.Option("--format", help="imagefolder | imagenet | voc | ade20k | pairs "
                                                "(default: the params' eval.<protocol>.data)")] = None,
     params: Annotated[Path, typer.Option(help="params.yaml-shaped file; `eval.<protocol>` is read.")] = Path(
         "params.yaml"),
@@ -421,7 +427,7 @@ def eval_command(
     """Evaluate an encoder (ours or any timm ViT exported the same way) with one Table 1 protocol."""
     from stages import evaluate
 
-    results = run_training(lambda: evaluate.run(protocol, encoder, data, format, params, out, quiet, device,
+    results = run_training(lambda: evaluate.run(protocol, encoder, data, layout, params, out, quiet, device,
                                                 discard_stale_checkpoints))
     headline = results["run"].get("headline", {})
     typer.echo(f"{protocol}: " + ", ".join(f"{k} {v:.2f}" for k, v in headline.items()))

@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import get_type_hints
 
 import torch
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt, create_model
 from torch.utils.data import DataLoader
 
 from semanticmim.data.layouts import ClassificationDataset, read_imagefolder
@@ -26,18 +27,25 @@ from semanticmim.engine.recipe import Schedule
 from semanticmim.methods.tasks import DVAETask
 from semanticmim.settings import Strict
 from semanticmim.targets.dalle import import_openai_pickle
-from semanticmim.targets.dvae import DiscreteVAE, codebook_perplexity
+from semanticmim.targets.dvae import DiscreteVAE, DVAEConfig, codebook_perplexity
 from stages.common import run_info
 from stages.params import DataParams, load_section, resolve_path
 
+# The dVAE's own fields (its tokenizer's shape, the KL weight): the library's `DVAEConfig`, with its checks
+# and defaults, flat in the section. The stage sets the config's other two from its own keys: `image_size`
+# (the tokenizer view it trains on) and `temperature` (the anneal's start, `temperature_start`).
+_SET_BY_THE_STAGE = ("image_size", "temperature")
+_HINTS = get_type_hints(DVAEConfig, include_extras=True)
+DVAEModelParams = create_model("DVAEModelParams", __base__=Strict, **{
+    field.name: (_HINTS[field.name], field.default) for field in fields(DVAEConfig)
+    if field.name not in _SET_BY_THE_STAGE})
 
-class DVAEParams(Strict):
-    """The `dvae` section: our own discrete VAE tokenizer (OpenAI's weights cannot be downloaded here)."""
 
-    vocab_size: PositiveInt = 8192
-    n_hid: PositiveInt = 256
-    group_count: PositiveInt = 4  # downsampling 2^(group_count-1): 112 px -> 14x14 tokens at 4 groups
-    n_blk_per_group: PositiveInt = 2
+class DVAEParams(DVAEModelParams):
+    """The `dvae` section: our own discrete VAE tokenizer (OpenAI's weights cannot be downloaded here): the
+    dVAE's fields (`DVAEModelParams`; downsampling 2^(group_count-1): 112 px -> 14x14 tokens at 4 groups)
+    and how it is trained."""
+
     image_size: PositiveInt = 112  # the tokenizer view; half the model's image size
     epochs: PositiveInt = 30
     batch_size: PositiveInt = 64
@@ -47,13 +55,17 @@ class DVAEParams(Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     temperature_start: PositiveFloat = 1.0
     temperature_end: PositiveFloat = 1.0 / 16
-    # 0.01 at tiny scale: 0 used ~6 of 64 codes, 0.05 pulled q(z|x) to uniform (tokens carried nothing)
-    kl_weight: float = Field(0.01, ge=0.0)
     crop_scale: tuple[float, float] = (0.5, 1.0)
     data: DataParams = DataParams()
     run: RunOptions = RunOptions()
     # OpenAI's DALL-E encoder.pkl: when set, the stage imports it (unpickling it) instead of training ours
     dalle_weights: Path | None = None
+
+
+def dvae_config(params: DVAEParams) -> DVAEConfig:
+    """The dVAE the section describes: its own fields, the tokenizer view's side, the anneal's start."""
+    shape = params.model_dump(include=set(DVAEModelParams.model_fields))
+    return DVAEConfig(**shape, image_size=params.image_size, temperature=params.temperature_start)
 
 
 TOKENIZER_KINDS = {"trained": "ours: the dvae stage's dVAE", "imported": "OpenAI DALL-E (imported encoder.pkl)"}
@@ -114,8 +126,7 @@ def run(params_file: Path, out_dir: Path, quiet: bool = False, device: str = "au
                             * env.world_size, lr=params.lr, min_lr=params.min_lr, warmup_epochs=params.warmup_epochs,
                             weight_decay=params.weight_decay)
         torch.manual_seed(params.run.seed)
-        model = DiscreteVAE(params.vocab_size, params.n_hid, params.group_count, params.n_blk_per_group,
-                            params.image_size, params.kl_weight, params.temperature_start)
+        model = DiscreteVAE.from_config(dvae_config(params))
         steps = params.epochs * (len(train_set) // (params.batch_size * env.world_size))
         task = DVAETask("dvae", model, steps, params.temperature_start, params.temperature_end)
         options = replace(params.run, discard_stale=discard_stale or params.run.discard_stale,

@@ -1,7 +1,7 @@
 """Stage `eval@ENCODER-PROTOCOL`: one protocol of the paper's Table 1 on one timm-format encoder.
 
 Each protocol module (`semanticmim/eval/...`) exposes `Settings` (its params, paper defaults) and
-`evaluate(encoder_dir, data_root, data_format, settings, out_dir, env, quiet) -> {"metrics", "run"}`
+`evaluate(encoder_dir, data_root, layout, settings, out_dir, env, quiet) -> {"metrics", "run"}`
 (numbers only; everything else). This stage
 reads `eval.<protocol>` from the params file — its `data: {root, format}` says what to evaluate on, the
 rest is the protocol's settings —, runs it, and writes `metrics.json` (numbers only, what `dvc metrics`
@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
+from semanticmim.data.layouts import LAYOUTS
 from semanticmim.engine import distributed
 from semanticmim.engine.progress import write_json_atomic
 from semanticmim.errors import InputError
@@ -28,14 +29,13 @@ PROTOCOLS = {
     "linear-seg": "semanticmim.eval.segmentation.linear",
     "finetune-seg": "semanticmim.eval.segmentation.upernet",
 }
-FORMATS = ("imagefolder", "imagenet", "voc", "ade20k", "pairs")
 
 
 class EvalData(Strict):
     """`eval.<protocol>.data`: the dataset a protocol reads (paths relative to the project root)."""
 
     root: Path
-    format: Literal["imagefolder", "imagenet", "voc", "ade20k", "pairs"]
+    format: Literal[LAYOUTS]  # the dataset's layout (`semanticmim.data.layouts`)
 
 
 def protocol_name(protocol: str) -> str:
@@ -47,37 +47,37 @@ def protocol_name(protocol: str) -> str:
 
 
 def read_data(values: dict, params_file: Path, key: str, data_root: Path | None,
-              data_format: str | None) -> tuple[Path, str]:
-    """The dataset: `--data/--format` when given, else the params' `eval.<protocol>.data`."""
+              layout: str | None) -> tuple[Path, str]:
+    """The dataset and its layout: `--data/--format` when given, else the params' `eval.<protocol>.data`."""
     given = values.pop("data", None)
-    if data_root is not None and data_format is not None:
-        if data_format not in FORMATS:
-            raise InputError(f"unknown --format {data_format!r}; expected one of {FORMATS}")
-        return data_root, data_format
+    if data_root is not None and layout is not None:
+        if layout not in LAYOUTS:
+            raise InputError(f"unknown --format {layout!r}; expected one of {LAYOUTS}")
+        return data_root, layout
     if given is None:
         raise InputError(f"{params_file}: eval.{key} has no `data: {{root, format}}`; add it or give --data and "
                          "--format")
     data = validate(EvalData, given, params_file, f"eval.{key}.data")
-    return (data_root or resolve_path(data.root, params_file)), (data_format or data.format)
+    return (data_root or resolve_path(data.root, params_file)), (layout or data.format)
 
 
-def run(protocol: str, encoder_dir: Path, data_root: Path | None, data_format: str | None, params_file: Path,
+def run(protocol: str, encoder_dir: Path, data_root: Path | None, layout: str | None, params_file: Path,
         out_dir: Path, quiet: bool = False, device: str = "auto", discard_stale: bool = False) -> dict:
     protocol = protocol_name(protocol)
     module = importlib.import_module(PROTOCOLS[protocol])
     key = protocol.replace("-", "_")
     values = dict(read_section(params_file, "eval").get(key) or {})
-    data_root, data_format = read_data(values, params_file, key, data_root, data_format)
+    data_root, layout = read_data(values, params_file, key, data_root, layout)
     settings = validate(module.Settings, values, params_file, f"eval.{key}")
     if discard_stale:
         settings = settings.model_copy(update={"run": replace(settings.run, discard_stale=True)})
     env = distributed.setup(device)
     try:
-        results = module.evaluate(encoder_dir, data_root, data_format, settings, out_dir, env, quiet)
+        results = module.evaluate(encoder_dir, data_root, layout, settings, out_dir, env, quiet)
         metrics, details = results["metrics"], results["run"]  # the protocols' contract: numbers, the rest
         if env.is_main:
             info = run_info(f"eval {protocol}", {"settings": settings.model_dump(mode="json"), **details,
-                                                "data": {"root": str(data_root), "format": data_format},
+                                                "data": {"root": str(data_root), "format": layout},
                                                 "encoder_dir": str(encoder_dir)}, params_file, env)
             write_json_atomic(out_dir / "run.json", info)
             write_json_atomic(out_dir / "metrics.json", metrics)

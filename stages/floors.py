@@ -48,7 +48,7 @@ def random_init(params_file: Path, out_dir: Path) -> dict:
     floors = floor_params(params_file)
     pretrain = load_section(params_file, "pretrain")
     recipe = pretrain.resolve(floors.like)
-    encoder = encoder_config(method(floors.like), pretrain.model.model_dump(), recipe)
+    encoder = encoder_config(method(floors.like), pretrain.model, recipe)
     torch.manual_seed(floors.seed)
     model = build_variant(floors.like, encoder, recipe=recipe)
     save_model(model, out_dir / "model.safetensors")
@@ -63,17 +63,17 @@ def raw_pixels(params_file: Path, out_dir: Path, quiet: bool = False) -> dict:
     """-> out_dir/{metrics.json, run.json}: the linear probe's recipe on raw pixels."""
     floors = floor_params(params_file)
     probe = dict(read_section(params_file, "eval").get("linear_cls") or {})
-    data_root, data_format = read_data(probe, params_file, "linear_cls", None, None)
+    data_root, layout = read_data(probe, params_file, "linear_cls", None, None)
     linear_settings = validate(linear.Settings, probe, params_file, "eval.linear_cls")  # the probe's own checks
     values = {k: getattr(linear_settings, k) for k in PROBE_KEYS if k in probe}
     settings = validate(pixels.Settings, {"img_size": floors.pixels_img_size, **values}, params_file,
                         "eval.linear_cls")
     env = distributed.setup("cpu")
     try:
-        results = pixels.evaluate(data_root, data_format, settings, out_dir, env, quiet)
+        results = pixels.evaluate(data_root, layout, settings, out_dir, env, quiet)
         write_json_atomic(out_dir / "metrics.json", results["metrics"])
         write_json_atomic(out_dir / "run.json", run_info("floor-raw-pixels", {
-            "settings": settings.model_dump(mode="json"), "data": {"root": str(data_root), "format": data_format},
+            "settings": settings.model_dump(mode="json"), "data": {"root": str(data_root), "format": layout},
             **results["run"]}, params_file, env))
         return results["metrics"]
     finally:

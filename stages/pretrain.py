@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field, PositiveFloat, PositiveInt
+import yaml
+from pydantic import Field, PositiveInt
 from torch.utils.data import default_collate
 
 from semanticmim.data.layouts import ClassificationDataset, read_imagefolder
@@ -35,23 +36,12 @@ from semanticmim.methods.registry import VariantName, recipe_sources
 from semanticmim.methods.tasks import MIMTask
 from semanticmim.models.export import export_timm
 from semanticmim.models.factory import load_model, read_model_header
+from semanticmim.models.vit import EncoderShape
 from semanticmim.settings import Strict
 from semanticmim.targets import DalleTokenizer, HOGTarget
 from semanticmim.viz.reconstruction import hog_reconstructions, token_reconstructions
 from stages.common import run_info
 from stages.params import DataParams, load_section, resolve_path
-
-
-class ModelParams(Strict):
-    """The encoder's shape (ViT-B/16 at paper scale). The block style comes from the method; K and the drop
-    path from the variant's recipe (`semanticmim.methods`)."""
-
-    img_size: PositiveInt = 224
-    patch_size: PositiveInt = 16
-    embed_dim: PositiveInt = 768
-    depth: PositiveInt = 12
-    num_heads: PositiveInt = 12
-    mlp_ratio: PositiveFloat = 4.0
 
 
 class HOGParams(Strict):
@@ -68,7 +58,7 @@ class PretrainParams(Strict):
     `semanticmim.methods`). dvc.yaml tracks `recipe` and `variants.<name>` separately, so changing one
     variant reruns only that variant's stages."""
 
-    model: ModelParams = ModelParams()
+    model: EncoderShape = EncoderShape()  # the block style is the method's; K and drop path the recipe's
     data: DataParams = DataParams()
     run: RunOptions = RunOptions()
     hog: HOGParams = HOGParams()
@@ -76,11 +66,16 @@ class PretrainParams(Strict):
     recipe: dict[str, Any] = Field(default_factory=dict)
     variants: dict[VariantName, dict[str, Any]] = Field(default_factory=dict)
 
-    def resolve(self, variant: str) -> PretrainRecipe:
-        """The variant's recipe: the paper's (registry) <- the profile's `recipe` <- `variants[variant]`."""
+    def resolve(self, variant: str, overrides: dict[str, Any] | None = None) -> PretrainRecipe:
+        """The variant's recipe: the paper's (registry) <- the profile's `recipe` <- `variants[variant]`
+        <- `overrides` (one run's values, e.g. an ablation point's K)."""
         method(variant)
         resolve_recipe(variant, self.recipe, location="pretrain.recipe")  # a bad common value is named as such
-        return resolve_recipe(variant, self.recipe, self.variants.get(variant, {}), f"pretrain.variants.{variant}")
+        own = self.variants.get(variant, {})
+        recipe = resolve_recipe(variant, self.recipe, own, f"pretrain.variants.{variant}")
+        if overrides:
+            recipe = resolve_recipe(variant, self.recipe, {**own, **overrides}, "--set")
+        return recipe
 
     def check(self) -> None:
         """Resolve every variant's recipe now, so a bad value fails before any stage runs."""
@@ -173,14 +168,32 @@ def decay_everything(recipe: PretrainRecipe, device: torch.device):
                                            fused=device.type in ("cpu", "cuda"))
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["num_proxy=4", "mask_ratio=0.5"]` -> `{"num_proxy": 4, "mask_ratio": 0.5}` (values read as YAML
+    scalars); the recipe's validation then checks names and values."""
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip() or not text.strip():
+            raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. num_proxy=4")
+        try:
+            overrides[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise InputError(f"--set {item!r}: {text!r} is not a YAML value") from None
+    return overrides
+
+
 def run(variant: str, params_file: Path, out_dir: Path, quiet: bool = False, device: str = "auto",
-        discard_stale: bool = False) -> dict:
+        discard_stale: bool = False, overrides: dict[str, Any] | None = None, seed: int | None = None) -> dict:
+    """Pretrain `variant` with the profile's recipe, `overrides` on top (an ablation point) and, when given,
+    `seed` instead of `pretrain.run.seed` (a seed of the seeds axis)."""
     params = load_section(params_file, "pretrain")
-    recipe = params.resolve(variant)
+    if seed is not None:
+        params = params.model_copy(update={"run": replace(params.run, seed=seed)})
+    recipe = params.resolve(variant, overrides)
     env = distributed.setup(device)
     try:
-        shape = params.model.model_dump()
-        encoder = encoder_config(method(variant), shape, recipe)
+        encoder = encoder_config(method(variant), params.model, recipe)
         transform = build_transform(variant, recipe, encoder.img_size, encoder.num_patches)
         dataset = pretrain_dataset(params, params_file, transform, out_dir)
         schedule, plan = recipe.plan(len(dataset), env.world_size)
@@ -191,6 +204,7 @@ def run(variant: str, params_file: Path, out_dir: Path, quiet: bool = False, dev
         options = replace(params.run, discard_stale=discard_stale or params.run.discard_stale,
                           num_workers=params.data.num_workers, quiet=quiet)
         info = run_info(f"pretrain@{variant}", {**params.model_dump(mode="json"), "resolved_recipe": asdict(recipe),
+                        "overrides": overrides or {},
                         "tokenizer_identity": tokenizer_identity(variant, params, params_file),
                         "recipe_sources": recipe_sources(variant, params.recipe, params.variants.get(variant, {})),
                         "lr_scaled": schedule.lr}, params_file, env)

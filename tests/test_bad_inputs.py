@@ -523,8 +523,8 @@ for _kind in IMAGE_KINDS:
 # ------------------------------------------------------------------------------------ data inspect
 
 
-def _inspect(root, fmt: str, *extra) -> list:
-    return ["data", "inspect", root, "--format", fmt, "--workers", "1", *extra]
+def _inspect(root, layout: str, *extra) -> list:
+    return ["data", "inspect", root, "--format", layout, "--workers", "1", *extra]
 
 
 def _inspect_with(c: Ctx, kind: str) -> Expect:
@@ -1167,9 +1167,9 @@ def _eval_layout(c: Ctx, protocol: str) -> Expect:
 
 
 def _eval_wrong_format(c: Ctx, protocol: str) -> Expect:
-    fmt, root = ("voc", c.base.segmentation) if protocol.endswith("cls") else ("imagefolder", c.base.classification)
-    return Expect(_eval(c, protocol, c.params(), None, "--data", root, "--format", fmt),
-                  f"--format {fmt} for a {protocol.split('-')[1]} protocol", fmt, out=c.tmp / "out")
+    layout, root = ("voc", c.base.segmentation) if protocol.endswith("cls") else ("imagefolder", c.base.classification)
+    return Expect(_eval(c, protocol, c.params(), None, "--data", root, "--format", layout),
+                  f"--format {layout} for a {protocol.split('-')[1]} protocol", layout, out=c.tmp / "out")
 
 
 for _protocol in PROTOCOLS:

@@ -285,10 +285,10 @@ def test_weights_that_do_not_match_the_architecture(encoder_dir, tmp_path):
         probe(folder, tmp_path, tmp_path / "out")
 
 
-@pytest.mark.parametrize("problem", ["num_classes", "val_class", "empty_val", "grid_block", "format", "one_class",
+@pytest.mark.parametrize("problem", ["num_classes", "val_class", "empty_val", "grid_block", "layout", "one_class",
                                      "img_size"])
 def test_bad_data_and_settings_are_one_line_input_errors(problem, encoder_dir, colour_data, tmp_path):
-    data, overrides, fmt = colour_data, {}, "imagefolder"
+    data, overrides, layout = colour_data, {}, "imagefolder"
     if problem == "num_classes":
         overrides, expected = {"num_classes": 10}, "num_classes=10 but .* has 4 classes"
     elif problem == "val_class":
@@ -310,9 +310,9 @@ def test_bad_data_and_settings_are_one_line_input_errors(problem, encoder_dir, c
     elif problem == "img_size":
         overrides, expected = {"img_size": 36}, "eval.linear_cls.img_size=36: expected a positive multiple of the patch"
     else:
-        fmt, expected = "voc", "classification protocols read imagefolder or imagenet"
+        layout, expected = "voc", "classification protocols read imagefolder or imagenet"
     with pytest.raises(InputError, match=expected) as error:
-        linear.evaluate(encoder_dir, data, fmt, settings(**overrides), tmp_path / "out", DistEnv(), quiet=True)
+        linear.evaluate(encoder_dir, data, layout, settings(**overrides), tmp_path / "out", DistEnv(), quiet=True)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "out" / "checkpoints").exists()  # refused up front, before any training
 

@@ -75,10 +75,10 @@ def colour_pairs(root: Path, count: dict[str, int], size: int = 32, label_value:
     return root
 
 
-def run_linear(encoder_dir: Path, data: Path, fmt: str, out: Path, **overrides) -> dict:
+def run_linear(encoder_dir: Path, data: Path, layout: str, out: Path, **overrides) -> dict:
     """The protocol's {"metrics", "run"}, with the metrics checked to be numbers only."""
     settings = linear.Settings.model_validate({**FAST, **overrides})
-    result = linear.evaluate(encoder_dir, data, fmt, settings, out, CPU, quiet=True)
+    result = linear.evaluate(encoder_dir, data, layout, settings, out, CPU, quiet=True)
     assert set(result) == {"metrics", "run"}
     check_numbers(result["metrics"])
     return result

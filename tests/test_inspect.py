@@ -133,7 +133,7 @@ def test_manifest_counts_follow_the_split_lists(data_pairs: Path, data_files, tm
     after = write_manifest(data_pairs, "pairs", tmp_path / "m.json", splits=["train"])
     assert (before["splits"]["train"]["samples"], after["splits"]["train"]["samples"]) == (2, 3)
     assert after["fingerprint"] != before["fingerprint"]
-    with pytest.raises(InputError, match="unknown dataset format"):
+    with pytest.raises(InputError, match="unknown dataset layout"):
         write_manifest(data_pairs, "lmdb", tmp_path / "m.json")
 
 

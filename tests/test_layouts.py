@@ -225,7 +225,7 @@ def test_segnet_layout_maps_void_to_ignore(data_segnet: Path, data_files):
 
 
 def test_unknown_format_is_one_line():
-    with pytest.raises(InputError, match="unknown dataset format 'coco'; expected one of imagefolder"):
+    with pytest.raises(InputError, match="unknown dataset layout 'coco'; expected one of imagefolder"):
         read_split("coco", ".", "train")
 
 

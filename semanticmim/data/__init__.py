@@ -11,7 +11,7 @@ from typing import Any
 _EXPORTS = {
     "decode": ("EncodedImage", "UnreadableImage", "load_rgb"),
     "layouts": (
-        "ADE20K_CLASSES", "FORMATS", "IGNORE_INDEX", "IMAGE_EXTENSIONS", "VOC_CLASSES", "ClassificationDataset",
+        "ADE20K_CLASSES", "IGNORE_INDEX", "IMAGE_EXTENSIONS", "LAYOUTS", "VOC_CLASSES", "ClassificationDataset",
         "ClassificationSplit", "LabelMap", "SegmentationDataset", "SegmentationSplit", "SkipLog",
         "available_splits", "image_to_tensor", "read_ade20k", "read_imagefolder", "read_imagenet", "read_label",
         "read_pairs", "read_split", "read_voc", "voc_palette", "write_class_index",
@@ -27,7 +27,7 @@ _EXPORTS = {
         "VocLinearTrain", "build_mixup", "decode_for_crops", "decode_tensor_for_crops", "linear_probe_transform",
         "maskfeat_transform", "normalize", "resized_crop", "sample_crop_box", "unit_range",
     ),
-    "loader": ("build_loader", "sample_seed", "seed_everything", "seeded_rngs", "set_epoch"),
+    "loader": ("RowIndices", "build_loader", "sample_seed", "seed_everything", "seeded_rngs", "set_epoch"),
     "shards": ("INDEX_NAME", "ShardDataset", "write_shards"),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -31,7 +31,7 @@ from semanticmim.data.layouts import (
     ClassificationSplit,
     LabelMap,
     SegmentationSplit,
-    _layout,
+    _tree,
     available_splits,
     read_label,
     read_split,
@@ -51,7 +51,7 @@ R = TypeVar("R")
 class DatasetReport:
     """What `inspect_dataset` found. `images` counts readable images over all splits."""
 
-    format: str
+    layout: str
     root: str
     classes: list[str]
     splits: dict[str, dict[str, int]]  # split → {"listed", "images" (readable), "skipped"}
@@ -71,6 +71,7 @@ class DatasetReport:
         """JSON-ready; `classes` is the number of classes, `class_names` the names."""
         report = asdict(self)
         report["class_names"] = report.pop("classes")
+        report = {"format": report.pop("layout"), **report}  # the key is the CLI's word (`--format`)
         return {"images": self.images, "classes": len(self.classes), "usable": self.usable, **report}
 
 
@@ -83,19 +84,19 @@ class _Checked:
 
 def inspect_dataset(
     root: str | Path,
-    fmt: str,
+    layout: str,
     splits: list[str] | None = None,
     workers: int = 8,
     progress: Callable[[int], None] | None = None,
     **reader_options: Any,
 ) -> DatasetReport:
-    """Read every file of `splits` (default: all found) of the `fmt` dataset at `root` and report.
+    """Read every file of `splits` (default: all found) of the `layout` dataset at `root` and report.
 
     progress: called with the number of samples just checked (for a progress bar).
     reader_options: passed to the layout reader (e.g. `void_label` for `pairs`).
     """
-    chosen = _splits(fmt, root, splits)
-    read = [read_split(fmt, root, name, **reader_options) for name in chosen]
+    chosen = _splits(layout, root, splits)
+    read = [read_split(layout, root, name, **reader_options) for name in chosen]
     split_stats: dict[str, dict[str, int]] = {}
     sizes: list[tuple[int, int]] = []
     skipped: list[dict[str, str]] = []
@@ -110,13 +111,13 @@ def inspect_dataset(
         problems += [check.problem for check in checks if check.problem is not None]
         if not readable:
             problems.append(f"{split.root}: split {split.name!r} has no readable images")
-    return DatasetReport(fmt, str(root), list(read[0].classes), split_stats, _size_stats(sizes), skipped, problems)
+    return DatasetReport(layout, str(root), list(read[0].classes), split_stats, _size_stats(sizes), skipped, problems)
 
 
-def _splits(fmt: str, root: str | Path, splits: list[str] | None) -> list[str]:
-    chosen = splits or available_splits(fmt, root)
+def _splits(layout: str, root: str | Path, splits: list[str] | None) -> list[str]:
+    chosen = splits or available_splits(layout, root)
     if not chosen:
-        raise InputError(f"{root}: no splits found for format {fmt!r}; expected {_layout(fmt)}")
+        raise InputError(f"{root}: no splits found for layout {layout!r}; expected {_tree(layout)}")
     return chosen
 
 
@@ -181,23 +182,23 @@ def _size_stats(sizes: list[tuple[int, int]]) -> dict[str, Any]:
 
 def write_manifest(
     root: str | Path,
-    fmt: str,
+    layout: str,
     out: str | Path,
     splits: list[str] | None = None,
     workers: int = 8,
     **reader_options: Any,
 ) -> dict[str, Any]:
-    """Describe the `fmt` dataset at `root` in the JSON file `out` (atomically) and return it.
+    """Describe the `layout` dataset at `root` in the JSON file `out` (atomically) and return it.
 
     Only file metadata is read (no decoding), so this is cheap enough to run on every `dvc repro`.
     """
     root = Path(root)
-    read = [read_split(fmt, root, name, **reader_options) for name in _splits(fmt, root, splits)]
+    read = [read_split(layout, root, name, **reader_options) for name in _splits(layout, root, splits)]
     files = sorted({path for split in read for sample in split.samples for path in _sample_files(sample)})
     fingerprint, total_bytes = dataset_fingerprint(root, files, workers)
     manifest = {
         "manifest_version": MANIFEST_VERSION,
-        "format": fmt,
+        "format": layout,  # the manifests' key since version 1 (DVC tracks their bytes)
         "root": str(root),
         "classes": list(read[0].classes),
         "splits": {split.name: {"samples": len(split.samples)} for split in read},

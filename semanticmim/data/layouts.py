@@ -4,7 +4,7 @@ A reader turns a root folder + split name into a *split*: the class names and a 
 samples, after checking the layout (a missing or mis-laid-out root is a one-line `InputError` that
 shows the layout expected). Nothing is decoded at that point; the Datasets decode lazily.
 
-Layouts (`FORMATS`):
+Layouts (`LAYOUTS`):
 - `imagefolder`: `ROOT/<split>/<class>/*.{jpg,png,...}` (CIFAR-10 as JPEGs, the embedded dataset).
 - `imagenet`:    the same with `ROOT/{train,val}/<wnid>/*.JPEG`; classes are the sorted `train/` wnids,
                  frozen into a class-index JSON the first time one is asked for.
@@ -43,9 +43,9 @@ from semanticmim.errors import InputError
 
 __all__ = [
     "ADE20K_CLASSES",
-    "FORMATS",
     "IGNORE_INDEX",
     "IMAGE_EXTENSIONS",
+    "LAYOUTS",
     "VOC_CLASSES",
     "ClassificationDataset",
     "ClassificationSplit",
@@ -96,11 +96,11 @@ ADE20K_CLASSES = (
     "radiator", "glass", "clock", "flag",
 )  # fmt: skip
 
-_IMAGEFOLDER_LAYOUT = "ROOT/<split>/<class>/*.jpg|png"
-_IMAGENET_LAYOUT = "ROOT/{train,val}/<wnid>/*.JPEG"
-_VOC_LAYOUT = "ROOT/{JPEGImages,SegmentationClass[Aug]}/ + ROOT/ImageSets/Segmentation/<split>.txt"
-_ADE20K_LAYOUT = "ROOT/ADEChallengeData2016/{images,annotations}/{training,validation}/"
-_PAIRS_LAYOUT = "ROOT/images/ + ROOT/labels/ + ROOT/<split>.txt, or ROOT/<split>/ + ROOT/<split>annot/"
+_IMAGEFOLDER_TREE = "ROOT/<split>/<class>/*.jpg|png"
+_IMAGENET_TREE = "ROOT/{train,val}/<wnid>/*.JPEG"
+_VOC_TREE = "ROOT/{JPEGImages,SegmentationClass[Aug]}/ + ROOT/ImageSets/Segmentation/<split>.txt"
+_ADE20K_TREE = "ROOT/ADEChallengeData2016/{images,annotations}/{training,validation}/"
+_PAIRS_TREE = "ROOT/images/ + ROOT/labels/ + ROOT/<split>.txt, or ROOT/<split>/ + ROOT/<split>annot/"
 
 
 # ------------------------------------------------------------------------------------------ splits
@@ -194,7 +194,7 @@ def read_imagefolder(
     of `ROOT/<split>`. A class folder not in `classes` is an InputError.
     """
     root = Path(root)
-    split_dir = _require_dir(root / split, root, "imagefolder", _IMAGEFOLDER_LAYOUT)
+    split_dir = _require_dir(root / split, root, "imagefolder", _IMAGEFOLDER_TREE)
     if classes is None:
         reference = root / "train" if (root / "train").is_dir() else split_dir
         classes = tuple(sorted(_subdirs(reference)))
@@ -205,7 +205,7 @@ def read_imagefolder(
             raise InputError(f"{split_dir / class_name}: class folder not in the class list ({len(classes)} classes)")
         samples += [(path, index[class_name]) for path in _image_files(split_dir / class_name)]
     if not samples:
-        raise InputError(f"{split_dir}: no images found; expected {_IMAGEFOLDER_LAYOUT}")
+        raise InputError(f"{split_dir}: no images found; expected {_IMAGEFOLDER_TREE}")
     return ClassificationSplit(root, split, tuple(classes), samples)
 
 
@@ -217,7 +217,7 @@ def read_imagenet(root: str | Path, split: str = "train", class_index: str | Pat
     """
     root = Path(root)
     if not (root / "train").is_dir() and not (root / split).is_dir():
-        raise InputError(f"{root}: not an ImageNet root; expected {_IMAGENET_LAYOUT}")
+        raise InputError(f"{root}: not an ImageNet root; expected {_IMAGENET_TREE}")
     classes = None
     if class_index is not None and Path(class_index).is_file():
         classes = _read_class_index(Path(class_index))
@@ -252,12 +252,12 @@ def read_voc(root: str | Path, split: str = "train", classes: tuple[str, ...] | 
     ROOT may be `VOC2012/` or a folder holding `VOCdevkit/VOC2012/`. classes: default the 21 VOC
     classes, or the names in `ROOT/classes.txt` when present (the embedded dataset writes one).
     """
-    root = _find_root(Path(root), ("VOCdevkit/VOC2012", "VOC2012"), "JPEGImages", "voc", _VOC_LAYOUT)
+    root = _find_root(Path(root), ("VOCdevkit/VOC2012", "VOC2012"), "JPEGImages", "voc", _VOC_TREE)
     list_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
     if not list_file.is_file():
-        raise InputError(f"{list_file}: split list not found; expected {_VOC_LAYOUT}")
+        raise InputError(f"{list_file}: split list not found; expected {_VOC_TREE}")
     label_dir = root / ("SegmentationClassAug" if split == "trainaug" else "SegmentationClass")
-    _require_dir(label_dir, root, "voc", _VOC_LAYOUT)
+    _require_dir(label_dir, root, "voc", _VOC_TREE)
     ids = _read_id_list(list_file)
     images = _match_ids(ids, root / "JPEGImages", list_file)
     labels = _match_ids(ids, label_dir, list_file, extensions=(".png",))
@@ -271,13 +271,13 @@ def read_ade20k(root: str | Path, split: str = "training") -> SegmentationSplit:
     split: `training`/`validation` (or `train`/`val`). ROOT may be `ADEChallengeData2016/` or its parent.
     Labels use reduce-zero-label: 0 ("other") → 255, 1..150 → 0..149.
     """
-    root = _find_root(Path(root), ("ADEChallengeData2016",), "images", "ade20k", _ADE20K_LAYOUT)
+    root = _find_root(Path(root), ("ADEChallengeData2016",), "images", "ade20k", _ADE20K_TREE)
     folder = {"train": "training", "val": "validation"}.get(split, split)
-    image_dir = _require_dir(root / "images" / folder, root, "ade20k", _ADE20K_LAYOUT)
-    label_dir = _require_dir(root / "annotations" / folder, root, "ade20k", _ADE20K_LAYOUT)
+    image_dir = _require_dir(root / "images" / folder, root, "ade20k", _ADE20K_TREE)
+    label_dir = _require_dir(root / "annotations" / folder, root, "ade20k", _ADE20K_TREE)
     images = _image_files(image_dir)
     if not images:
-        raise InputError(f"{image_dir}: no images found; expected {_ADE20K_LAYOUT}")
+        raise InputError(f"{image_dir}: no images found; expected {_ADE20K_TREE}")
     ids = [Path(image).stem for image in images]
     labels = _match_ids(ids, label_dir, image_dir, extensions=(".png",))
     classes = _classes_file(root) or ADE20K_CLASSES
@@ -299,7 +299,7 @@ def read_pairs(root: str | Path, split: str = "train", void_label: int | None = 
     if classes is None:
         raise InputError(f"{root / 'classes.txt'}: not found; the pairs layout needs one class name per line")
     if (root / f"{split}annot").is_dir():
-        image_dir, label_dir = _require_dir(root / split, root, "pairs", _PAIRS_LAYOUT), root / f"{split}annot"
+        image_dir, label_dir = _require_dir(root / split, root, "pairs", _PAIRS_TREE), root / f"{split}annot"
         void_label = len(classes) if void_label is None else void_label
         list_file = root / f"{split}.txt"
         ids = _read_id_list(list_file) if list_file.is_file() else [Path(p).stem for p in _image_files(image_dir)]
@@ -308,12 +308,12 @@ def read_pairs(root: str | Path, split: str = "train", void_label: int | None = 
         candidates = [root / f"{split}.txt", root / "splits" / f"{split}.txt"]
         list_file = next((path for path in candidates if path.is_file()), None)
         if list_file is None:
-            raise InputError(f"{candidates[0]}: split list not found; expected {_PAIRS_LAYOUT}")
+            raise InputError(f"{candidates[0]}: split list not found; expected {_PAIRS_TREE}")
         ids = _read_id_list(list_file)
     else:
-        raise InputError(f"{root}: no {split}/+{split}annot/ or images/+labels/ folders; expected {_PAIRS_LAYOUT}")
+        raise InputError(f"{root}: no {split}/+{split}annot/ or images/+labels/ folders; expected {_PAIRS_TREE}")
     if not ids:
-        raise InputError(f"{root}: split {split!r} lists no images; expected {_PAIRS_LAYOUT}")
+        raise InputError(f"{root}: split {split!r} lists no images; expected {_PAIRS_TREE}")
     source = list_file if list_file.is_file() else image_dir
     images = _match_ids(ids, image_dir, source)
     labels = _match_ids(ids, label_dir, source, extensions=(".png",))
@@ -325,27 +325,27 @@ def read_pairs(root: str | Path, split: str = "train", void_label: int | None = 
     )
 
 
-# --------------------------------------------------------------------------------- format registry
+# --------------------------------------------------------------------------------- layout registry
 
-FORMATS = ("imagefolder", "imagenet", "voc", "ade20k", "pairs")
+LAYOUTS = ("imagefolder", "imagenet", "voc", "ade20k", "pairs")
 
 
-def available_splits(fmt: str, root: str | Path) -> list[str]:
+def available_splits(layout: str, root: str | Path) -> list[str]:
     """The splits of a dataset root that exist on disk, in a conventional order."""
     root = Path(root)
-    _check_format(fmt)
+    _check_layout(layout)
     if not root.is_dir():
-        raise InputError(f"{root}: no such folder; expected a {fmt} layout {_layout(fmt)}")
-    if fmt in ("imagefolder", "imagenet"):
+        raise InputError(f"{root}: no such folder; expected a {layout} layout {_tree(layout)}")
+    if layout in ("imagefolder", "imagenet"):
         found = [name for name in _subdirs(root) if _subdirs(root / name)]
         return sorted(found, key=_split_order)
-    if fmt == "voc":
-        voc = _find_root(root, ("VOCdevkit/VOC2012", "VOC2012"), "JPEGImages", "voc", _VOC_LAYOUT)
+    if layout == "voc":
+        voc = _find_root(root, ("VOCdevkit/VOC2012", "VOC2012"), "JPEGImages", "voc", _VOC_TREE)
         lists = voc / "ImageSets" / "Segmentation"
         names = [p.stem for p in lists.glob("*.txt")] if lists.is_dir() else []
         return sorted(names, key=_split_order)
-    if fmt == "ade20k":
-        ade = _find_root(root, ("ADEChallengeData2016",), "images", "ade20k", _ADE20K_LAYOUT)
+    if layout == "ade20k":
+        ade = _find_root(root, ("ADEChallengeData2016",), "images", "ade20k", _ADE20K_TREE)
         return [name for name in ("training", "validation") if (ade / "images" / name).is_dir()]
     annotated = [p.name[: -len("annot")] for p in root.iterdir() if p.is_dir() and p.name.endswith("annot")]
     listed = [p.stem for p in [*root.glob("*.txt"), *root.glob("splits/*.txt")] if p.name != "classes.txt"]
@@ -353,32 +353,32 @@ def available_splits(fmt: str, root: str | Path) -> list[str]:
     return sorted(set(names), key=_split_order)
 
 
-def read_split(fmt: str, root: str | Path, split: str, **options: Any) -> Split:
-    """Dispatch to the reader of `fmt` (one of FORMATS); options go to that reader."""
-    _check_format(fmt)
+def read_split(layout: str, root: str | Path, split: str, **options: Any) -> Split:
+    """Dispatch to the reader of `layout` (one of LAYOUTS); options go to that reader."""
+    _check_layout(layout)
     reader: Callable[..., Split] = {
         "imagefolder": read_imagefolder,
         "imagenet": read_imagenet,
         "voc": read_voc,
         "ade20k": read_ade20k,
         "pairs": read_pairs,
-    }[fmt]
+    }[layout]
     return reader(root, split, **options)
 
 
-def _check_format(fmt: str) -> None:
-    if fmt not in FORMATS:
-        raise InputError(f"unknown dataset format {fmt!r}; expected one of {', '.join(FORMATS)}")
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise InputError(f"unknown dataset layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
 
 
-def _layout(fmt: str) -> str:
+def _tree(layout: str) -> str:
     return {
-        "imagefolder": _IMAGEFOLDER_LAYOUT,
-        "imagenet": _IMAGENET_LAYOUT,
-        "voc": _VOC_LAYOUT,
-        "ade20k": _ADE20K_LAYOUT,
-        "pairs": _PAIRS_LAYOUT,
-    }[fmt]
+        "imagefolder": _IMAGEFOLDER_TREE,
+        "imagenet": _IMAGENET_TREE,
+        "voc": _VOC_TREE,
+        "ade20k": _ADE20K_TREE,
+        "pairs": _PAIRS_TREE,
+    }[layout]
 
 
 def _split_order(name: str) -> tuple[int, str]:
@@ -406,21 +406,21 @@ def _image_files(folder: Path) -> list[str]:
     return [str(folder / name) for name in sorted(names)]
 
 
-def _require_dir(folder: Path, root: Path, fmt: str, layout: str) -> Path:
+def _require_dir(folder: Path, root: Path, layout: str, tree: str) -> Path:
     if not root.is_dir():
-        raise InputError(f"{root}: no such folder; expected a {fmt} layout {layout}")
+        raise InputError(f"{root}: no such folder; expected a {layout} layout {tree}")
     if not folder.is_dir():
-        raise InputError(f"{root}: missing {folder.relative_to(root)}/; expected a {fmt} layout {layout}")
+        raise InputError(f"{root}: missing {folder.relative_to(root)}/; expected a {layout} layout {tree}")
     return folder
 
 
-def _find_root(root: Path, nested: tuple[str, ...], marker: str, fmt: str, layout: str) -> Path:
+def _find_root(root: Path, nested: tuple[str, ...], marker: str, layout: str, tree: str) -> Path:
     """The folder holding `marker`: ROOT itself or one of the conventional nested folders below it."""
     for candidate in (root, *(root / sub for sub in nested)):
         if (candidate / marker).is_dir():
             return candidate
     what = "no such folder" if not root.exists() else f"no {marker}/ folder"
-    raise InputError(f"{root}: {what}; expected a {fmt} layout {layout}")
+    raise InputError(f"{root}: {what}; expected a {layout} layout {tree}")
 
 
 def _read_id_list(list_file: Path) -> list[str]:

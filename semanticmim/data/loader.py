@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from semanticmim.errors import InputError
 
-__all__ = ["build_loader", "sample_seed", "seed_everything", "seeded_rngs", "set_epoch"]
+__all__ = ["RowIndices", "build_loader", "sample_seed", "seed_everything", "seeded_rngs", "set_epoch"]
 
 
 def build_loader(
@@ -64,7 +64,8 @@ def build_loader(
         order: Sampler[int] = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
     else:
         order = _SeededOrder(len(dataset), shuffle, seed)
-    return DataLoader(_SeededSamples(dataset, seed), sampler=_EpochIndexSampler(order), **common)
+    samples = _SeededSamples(dataset, seed) if getattr(dataset, "draws_randomness", True) else _Batched(dataset)
+    return DataLoader(samples, sampler=_EpochIndexSampler(order), **common)
 
 
 def set_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:
@@ -168,6 +169,45 @@ class _SeededSamples(Dataset):
         epoch, index = epoch_index
         with seeded_rngs(sample_seed(self.seed, epoch, index)):
             return self.dataset[index]
+
+
+class RowIndices(Dataset):
+    """The row indices 0..n-1 of an in-memory table (cached features). Its items draw no randomness, so
+    the loader fetches a whole batch in one call, unseeded: per-sample seeding cost more than the step."""
+
+    draws_randomness = False
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+    def __getitems__(self, indices: list[int]) -> list[int]:
+        return list(indices)
+
+
+class _Batched(Dataset):
+    """A dataset that draws no randomness, fetched a batch at a time from `(epoch, index)` pairs."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):
+        if name == "dataset" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitems__(self, epoch_indices: list[tuple[int, int]]) -> list:
+        indices = [index for _, index in epoch_indices]
+        getitems = getattr(self.dataset, "__getitems__", None)
+        return getitems(indices) if getitems is not None else [self.dataset[index] for index in indices]
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -333,14 +333,14 @@ def finetune_one(head: str, encoder: Encoder, identity: dict, settings: Settings
     return trained["history"], trained, plan
 
 
-def evaluate(encoder_dir: Path, data_root: Path, data_format: str, settings: Settings, out_dir: Path,
+def evaluate(encoder_dir: Path, data_root: Path, layout: str, settings: Settings, out_dir: Path,
              env: DistEnv, quiet: bool) -> dict:
     """Fine-tune one model per head in `settings.heads` and evaluate each: `{"metrics", "run"}`, see the
     module docstring."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     encoder = load(encoder_dir, settings)  # up front: a bad encoder or img_size fails before any data is read
-    train_split, val_split = read_splits("classification", data_format, data_root, settings.train_split,
+    train_split, val_split = read_splits("classification", layout, data_root, settings.train_split,
                                          settings.val_split, settings.num_classes, KEY)
     per_device = settings.per_device(env.world_size)
     if settings.mixes and per_device % 2:
@@ -348,7 +348,7 @@ def evaluate(encoder_dir: Path, data_root: Path, data_format: str, settings: Set
                          f"the per-device batch {per_device} must be even")
     names = top_k_names(len(train_split.classes))
     identity = {"encoder": encoder.identity["sha256"], "normalization": [encoder.mean, encoder.std],
-                "data": str(Path(data_root).resolve()), "format": data_format}
+                "data": str(Path(data_root).resolve()), "format": layout}
     metrics: dict = {}
     runs: dict = {}
     depth = encoder.depth

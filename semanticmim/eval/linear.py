@@ -62,9 +62,10 @@ from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_va
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from semanticmim.data.layouts import ClassificationDataset, ClassificationSplit, SkipLog
+from semanticmim.data.loader import RowIndices
 from semanticmim.data.transforms import ClassifierEval, CropFlip
 from semanticmim.engine.distributed import DistEnv, all_ranks, gather_shards, shard_bounds
 from semanticmim.engine.history import History
@@ -333,7 +334,7 @@ class CachedProbeTask:
     name: str = "linear-probe-cached"
 
     def loss(self, module: nn.Module, batch, step: int) -> torch.Tensor:
-        (rows,) = batch
+        rows = batch
         device = next(self.model.parameters()).device
         return heads_loss(module(self.features[rows].to(device, non_blocking=True)), self.labels[rows].to(device))
 
@@ -344,7 +345,7 @@ class CachedProbeTask:
 # ------------------------------------------------------------------------------------- the protocol
 
 
-def evaluate(encoder_dir: Path, data_root: Path, data_format: str, settings: Settings, out_dir: Path,
+def evaluate(encoder_dir: Path, data_root: Path, layout: str, settings: Settings, out_dir: Path,
              env: DistEnv, quiet: bool) -> dict:
     """Train the probe grid on `data_root`'s train split and evaluate it on its val split:
     `{"metrics", "run"}`, see the module docstring."""
@@ -352,7 +353,7 @@ def evaluate(encoder_dir: Path, data_root: Path, data_format: str, settings: Set
     out_dir = Path(out_dir)
     encoder = load_encoder(encoder_dir, settings.img_size, size_key=f"{KEY}.img_size")
     encoder.model.requires_grad_(False).eval().to(env.device)
-    train_split, val_split = read_splits("classification", data_format, data_root, settings.train_split,
+    train_split, val_split = read_splits("classification", layout, data_root, settings.train_split,
                                          settings.val_split, settings.num_classes, KEY)
     num_classes, img_size = len(train_split.classes), resolved_img_size(encoder)
     specs, slots, block = plan_heads(settings, encoder)
@@ -362,7 +363,7 @@ def evaluate(encoder_dir: Path, data_root: Path, data_format: str, settings: Set
     features = ProbeFeatures(encoder, slots, settings.feature_norm == "layernorm")
     options = replace(settings.run, num_workers=settings.num_workers, quiet=quiet)
     identity = {"encoder": encoder.identity["sha256"], "normalization": [encoder.mean, encoder.std],
-                "data": str(Path(data_root).resolve()), "format": data_format}
+                "data": str(Path(data_root).resolve()), "format": layout}
     per_device = settings.per_device(env.world_size)
     skipped = out_dir / "skipped.jsonl"
 
@@ -382,7 +383,7 @@ def evaluate(encoder_dir: Path, data_root: Path, data_format: str, settings: Set
     if settings.mode == "cached":
         train_features, train_labels = extract(train_split, "train")
         task: ProbeTask | CachedProbeTask = CachedProbeTask(heads, train_features, train_labels)
-        train_set: Dataset = TensorDataset(torch.arange(len(train_features)))
+        train_set: Dataset = RowIndices(len(train_features))
     else:
         task = ProbeTask(heads, features)
         train_set = ClassificationDataset(train_split, CropFlip(img_size, settings.crop_scale), skip_report=skipped,

@@ -93,10 +93,10 @@ def accuracy(head: nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> d
     return {"top1": 100.0 * correct / len(labels)}
 
 
-def evaluate(data_root: Path, data_format: str, settings: Settings, out_dir: Path, env: DistEnv,
+def evaluate(data_root: Path, layout: str, settings: Settings, out_dir: Path, env: DistEnv,
              quiet: bool) -> dict:
     """Train and evaluate the floor; -> {"metrics": {top1, best_epoch_top1, best_epoch}, "run": {...}}."""
-    train_split, val_split = read_splits("classification", data_format, data_root, settings.train_split,
+    train_split, val_split = read_splits("classification", layout, data_root, settings.train_split,
                                          settings.val_split, None, "eval.linear_cls")
     skipped = Path(out_dir) / "skipped.jsonl"
     train_x, train_y = pixel_features(train_split, settings.img_size, settings.num_workers, skipped)
@@ -116,7 +116,7 @@ def evaluate(data_root: Path, data_format: str, settings: Settings, out_dir: Pat
                                   {"params": [model.bias], "weight_decay": 0.0}], lr=schedule.lr)
 
     options = replace(settings.run, num_workers=0, quiet=quiet)
-    identity = fingerprint(settings, data=str(Path(data_root).resolve()), format=data_format, floor="raw-pixels")
+    identity = fingerprint(settings, data=str(Path(data_root).resolve()), format=layout, floor="raw-pixels")
     metrics = train(PixelProbe(head), TensorDataset(train_x, train_y), schedule, options, env, out_dir,
                     fingerprint=identity, make_optimizer=optimizer,
                     make_lr_schedule=lambda o, plan: build_schedule(o, plan.total_steps, 0, 0.0),

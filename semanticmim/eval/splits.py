@@ -16,27 +16,27 @@ from typing import Literal
 from semanticmim.data.layouts import Split, available_splits, read_split
 from semanticmim.errors import InputError
 
-__all__ = ["FORMATS", "read_splits"]
+__all__ = ["TASK_LAYOUTS", "read_splits"]
 
-FORMATS = {"classification": ("imagefolder", "imagenet"), "segmentation": ("voc", "ade20k", "pairs")}
+TASK_LAYOUTS = {"classification": ("imagefolder", "imagenet"), "segmentation": ("voc", "ade20k", "pairs")}
 _TRAIN_SPLITS = ("trainaug", "train", "training")  # VOC trainaug [Table 6], ADE20K training
 _VAL_SPLITS = ("val", "validation")
 
 
-def read_splits(kind: Literal["classification", "segmentation"], data_format: str, root: Path,
+def read_splits(task: Literal["classification", "segmentation"], layout: str, root: Path,
                 train_split: str | None, val_split: str | None, num_classes: int | None,
                 key: str) -> tuple[Split, Split]:
-    """(train, val) of `root` for a `kind` protocol; `key` is the protocol's params section (e.g.
-    "eval.linear_cls"), named in errors about its settings."""
-    root, formats = Path(root), FORMATS[kind]
-    if data_format not in formats:
-        listed = f"{', '.join(formats[:-1])} or {formats[-1]}"
-        raise InputError(f"format {data_format!r}: {kind} protocols read {listed} layouts")
+    """(train, val) of the `layout` dataset at `root` for a `task` protocol; `key` is the protocol's params
+    section (e.g. "eval.linear_cls"), named in errors about its settings."""
+    root, layouts = Path(root), TASK_LAYOUTS[task]
+    if layout not in layouts:
+        listed = f"{', '.join(layouts[:-1])} or {layouts[-1]}"
+        raise InputError(f"layout {layout!r}: {task} protocols read {listed} layouts")
     if train_split is None or val_split is None:
-        on_disk = available_splits(data_format, root)
+        on_disk = available_splits(layout, root)
         train_split = train_split or _first(_TRAIN_SPLITS, on_disk, root, f"{key}.train_split")
         val_split = val_split or _first(_VAL_SPLITS, on_disk, root, f"{key}.val_split")
-    train, val = (read_split(data_format, root, name) for name in (train_split, val_split))
+    train, val = (read_split(layout, root, name) for name in (train_split, val_split))
     for split in (train, val):
         if not split.samples:
             raise InputError(f"{root}: split {split.name!r} has no images")
@@ -48,7 +48,7 @@ def read_splits(kind: Literal["classification", "segmentation"], data_format: st
         raise InputError(f"{root}: split {train.name!r} has {len(train.classes)} class {list(train.classes)}; "
                          "a classifier needs at least 2")
     if num_classes is not None and num_classes != len(train.classes):
-        raise InputError(f"{key}.num_classes={num_classes} but {root / train.name} ({data_format}) has "
+        raise InputError(f"{key}.num_classes={num_classes} but {root / train.name} ({layout}) has "
                          f"{len(train.classes)} classes")
     return train, val
 

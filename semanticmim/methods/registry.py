@@ -25,7 +25,7 @@ from semanticmim.models.factory import hog_dim
 from semanticmim.models.masking import MaskGenerator
 from semanticmim.models.mim import MaskedImageModel, MIMConfig
 from semanticmim.models.mocov3 import MoCoConfig, MoCoV3
-from semanticmim.models.vit import EncoderConfig
+from semanticmim.models.vit import EncoderConfig, EncoderShape
 from semanticmim.settings import describe
 from semanticmim.targets import DalleTokenizer, HOGTarget
 
@@ -130,9 +130,10 @@ def recipe_sources(name: str, common: dict[str, Any], overrides: dict[str, Any])
     return sources
 
 
-def encoder_config(entry: Method, shape: dict[str, Any], recipe: PretrainRecipe) -> EncoderConfig:
+def encoder_config(entry: Method, shape: EncoderShape, recipe: PretrainRecipe) -> EncoderConfig:
     """The encoder of a variant: the profile's shape, the method's block style, the recipe's K and drop path."""
-    return EncoderConfig(**shape, block=entry.block, num_proxy=recipe.num_proxy, drop_path=recipe.drop_path)
+    return EncoderConfig(**{**asdict(shape), "block": entry.block, "num_proxy": recipe.num_proxy,
+                            "drop_path": recipe.drop_path})
 
 
 def build_variant(name: str, encoder: EncoderConfig, num_proxy: int | None = None, target_dim: int | None = None,

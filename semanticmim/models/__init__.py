@@ -4,10 +4,11 @@ from semanticmim.models.factory import build_model, load_model, save_model
 from semanticmim.models.masking import MaskGenerator, num_masked, random_mask
 from semanticmim.models.mim import MaskedImageModel, MIMConfig
 from semanticmim.models.mocov3 import MoCoConfig, MoCoV3
-from semanticmim.models.vit import EncoderConfig, ProxyViT
+from semanticmim.models.vit import EncoderConfig, EncoderShape, ProxyViT
 
 __all__ = [
     "EncoderConfig",
+    "EncoderShape",
     "MIMConfig",
     "MaskGenerator",
     "MaskedImageModel",

@@ -41,7 +41,9 @@ def build_model(
 ) -> MaskedImageModel:
     """The public constructor (the public API, README). `target` defaults to the block style's method: "dvae"
     (8192 tokens) for "beit", "hog" (3·9·(p/cell)² values, cell = p/2) for "vit"."""
-    encoder = EncoderConfig(block, num_proxy, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, drop_path)
+    encoder = EncoderConfig(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                            num_heads=num_heads, mlp_ratio=mlp_ratio, block=block, num_proxy=num_proxy,
+                            drop_path=drop_path)
     target = target or ("dvae" if block == "beit" else "hog")
     if target_dim is None:
         target_dim = 8192 if target == "dvae" else hog_dim(patch_size)

@@ -7,9 +7,10 @@ the learned absolute position embedding, in one of two block styles (BEiT or Mas
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
+from pydantic import ConfigDict, PositiveFloat, PositiveInt
 from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
@@ -18,30 +19,45 @@ from semanticmim.models.layers import BLOCK_STYLES, Block, LayerNorm
 
 
 @dataclass(frozen=True)
-class EncoderConfig:
-    """Everything that defines the encoder's shape; stored in every checkpoint."""
+class EncoderShape:
+    """The encoder's size (ViT-B/16 at 224 by default): what a profile chooses (params `pretrain.model`,
+    which pydantic validates against this dataclass)."""
 
-    block: str = "beit"
-    num_proxy: int = 1
-    img_size: int = 224
-    patch_size: int = 16
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    drop_path: float = 0.0
-    layer_scale_init: float = 0.1  # BEiT's γ init; unused by the "vit" style
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    img_size: PositiveInt = 224
+    patch_size: PositiveInt = 16
+    embed_dim: PositiveInt = 768
+    depth: PositiveInt = 12
+    num_heads: PositiveInt = 12
+    mlp_ratio: PositiveFloat = 4.0
 
     def __post_init__(self) -> None:
-        if self.block not in BLOCK_STYLES:
-            raise InputError(f"block must be one of {BLOCK_STYLES}, got {self.block!r}")
-        for name in ("num_proxy", "img_size", "patch_size", "embed_dim", "depth", "num_heads"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in (shape.name for shape in fields(EncoderShape)):  # the annotations bind pydantic only
+            if getattr(self, name) <= 0:
+                raise InputError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.img_size % self.patch_size:
             raise InputError(f"patch_size {self.patch_size} does not divide img_size {self.img_size}")
         if self.embed_dim % self.num_heads:
             raise InputError(f"num_heads {self.num_heads} does not divide embed_dim {self.embed_dim}")
+
+
+@dataclass(frozen=True)
+class EncoderConfig(EncoderShape):
+    """Everything that defines the encoder: its shape plus what the method (block style) and the recipe (K,
+    drop path) choose; stored in every checkpoint."""
+
+    block: str = "beit"
+    num_proxy: int = 1
+    drop_path: float = 0.0
+    layer_scale_init: float = 0.1  # BEiT's γ init; unused by the "vit" style
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block not in BLOCK_STYLES:
+            raise InputError(f"block must be one of {BLOCK_STYLES}, got {self.block!r}")
+        if self.num_proxy < 1:
+            raise InputError(f"num_proxy must be >= 1, got {self.num_proxy}")
         if not 0.0 <= self.drop_path < 1.0:
             raise InputError(f"drop_path must be in [0, 1), got {self.drop_path}")
 

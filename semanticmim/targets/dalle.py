@@ -24,6 +24,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from pydantic import PositiveInt
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -65,10 +66,10 @@ def make_conv(n_in: int, n_out: int, kernel_size: int) -> nn.Conv2d:
 class DalleTokenizerConfig:
     """Defaults are OpenAI's encoder: 112x112 -> 14x14 tokens out of 8192."""
 
-    vocab_size: int = 8192
-    n_hid: int = 256
-    group_count: int = 4
-    n_blk_per_group: int = 2
+    vocab_size: PositiveInt = 8192
+    n_hid: PositiveInt = 256
+    group_count: PositiveInt = 4
+    n_blk_per_group: PositiveInt = 2
 
     def __post_init__(self) -> None:
         if self.vocab_size < 2:

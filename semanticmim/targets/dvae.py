@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import nn
 
 from semanticmim.errors import InputError
@@ -110,16 +111,14 @@ class DalleDecoder(nn.Module):
 
 
 @dataclass(frozen=True)
-class DVAEConfig:
-    """DiscreteVAE's constructor arguments; stored in saved models (see `models.factory`)."""
+class DVAEConfig(DalleTokenizerConfig):
+    """DiscreteVAE's constructor arguments: its encoder's (the tokenizer's) shape plus the training image side
+    and the loss settings; stored in saved models (see `models.factory`). The annotations are what pydantic
+    checks where a params file sets these fields."""
 
-    vocab_size: int = 8192
-    n_hid: int = 256
-    group_count: int = 4
-    n_blk_per_group: int = 2
-    image_size: int | None = None
-    kl_weight: float = 0.01
-    temperature: float = 1.0
+    image_size: PositiveInt | None = None
+    kl_weight: NonNegativeFloat = 0.01
+    temperature: PositiveFloat = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)

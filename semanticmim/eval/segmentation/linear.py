@@ -217,7 +217,7 @@ class SquareEval:
 
 
 def evaluate(
-    encoder_dir: Path, data_root: Path, data_format: str, settings: Settings, out_dir: Path, env: DistEnv, quiet: bool
+    encoder_dir: Path, data_root: Path, layout: str, settings: Settings, out_dir: Path, env: DistEnv, quiet: bool
 ) -> dict:
     """Train the 1x1 conv and score it: `{"metrics", "run"}` (see `segmentation.protocol`), mIoU of the
     last epoch as the headline."""
@@ -232,7 +232,7 @@ def evaluate(
     eval_resolution = settings.eval_resolution or img_size
     if eval_resolution % patch:
         raise InputError(f"{KEY}.eval_resolution={eval_resolution}: expected a multiple of the patch size {patch}")
-    train_split, val_split = read_splits("segmentation", data_format, data_root, settings.train_split,
+    train_split, val_split = read_splits("segmentation", layout, data_root, settings.train_split,
                                          settings.val_split, settings.num_classes, KEY)
     classes = train_split.classes
     skips = out_dir / "skipped.jsonl"
@@ -262,7 +262,7 @@ def evaluate(
 
     identity = {"protocol": "linear-seg", "encoder": encoder.identity["sha256"],
                 "normalization": [encoder.mean, encoder.std], "data": str(Path(data_root).resolve()),
-                "format": data_format, "splits": [train_split.name, val_split.name], "classes": classes,
+                "format": layout, "splits": [train_split.name, val_split.name], "classes": classes,
                 "block": block, "img_size": img_size, "train_resolution": train_resolution}
     used = {
         "block": block,

@@ -171,7 +171,7 @@ class WarmupPolySchedule:
 
 
 def evaluate(
-    encoder_dir: Path, data_root: Path, data_format: str, settings: Settings, out_dir: Path, env: DistEnv, quiet: bool
+    encoder_dir: Path, data_root: Path, layout: str, settings: Settings, out_dir: Path, env: DistEnv, quiet: bool
 ) -> dict:
     """Fine-tune encoder + UperNet and score it: `{"metrics", "run"}` (see `segmentation.protocol`), mIoU
     after the last step as the headline."""
@@ -183,7 +183,7 @@ def evaluate(
     for block in blocks:
         encoder.check_block(block, f"{KEY}.blocks")
     stride = settings.slide_stride or settings.crop_size * 2 // 3
-    train_split, val_split = read_splits("segmentation", data_format, data_root, settings.train_split,
+    train_split, val_split = read_splits("segmentation", layout, data_root, settings.train_split,
                                          settings.val_split, settings.num_classes, KEY)
     classes = train_split.classes
     skips = out_dir / "skipped.jsonl"
@@ -250,7 +250,7 @@ def evaluate(
     }
     identity = {"protocol": "finetune-seg", "encoder": encoder.identity["sha256"],
                 "normalization": [encoder.mean, encoder.std], "data": str(Path(data_root).resolve()),
-                "format": data_format, "classes": classes, "blocks": blocks,
+                "format": layout, "classes": classes, "blocks": blocks,
                 "splits": [train_split.name, val_split.name]}
     options = replace(settings.run, num_workers=settings.num_workers, quiet=quiet)
     trained = train(task, train_data, schedule, options, env, out_dir,
