@@ -27,7 +27,9 @@ data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the embedd
 floor_app = typer.Typer(no_args_is_help=True, help="Table 1's floors: a random-init encoder, a raw-pixel probe.")
 app.add_typer(targets_app, name="targets")
 app.add_typer(data_app, name="data")
+ablation_app = typer.Typer(no_args_is_help=True, help="The ablation sweeps (paper Figs. 5 and 6): one point each.")
 app.add_typer(floor_app, name="floor")
+app.add_typer(ablation_app, name="ablation")
 
 err_console = Console(stderr=True)
 
@@ -225,6 +227,31 @@ def pretrain_command(
     metrics = run_training(lambda: pretrain.run(variant, params, out, quiet, device, discard_stale_checkpoints,
                                                 overrides, seed))
     typer.echo(f"{variant}: final loss {metrics['final_loss']:.4f}, {metrics['img_per_s']:.0f} img/s")
+
+
+@ablation_app.command("pretrain")
+@friendly_errors
+def ablation_pretrain_command(
+    axis: Annotated[str, typer.Argument(help="num_proxy | mask_ratio | img_mask_ratio")],
+    value: Annotated[str, typer.Argument(help="The point's value, e.g. 4 or 0.5.")],
+    params: Annotated[Path, typer.Option(help="params.yaml-shaped file (`ablation`, `pretrain`).")] = Path(
+        "params.yaml"),
+    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/ablation/AXIS/VALUE/pretrain).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    quiet: Annotated[bool, typer.Option(help="No progress bar; one line per epoch.")] = False,
+    discard_stale_checkpoints: Annotated[bool, typer.Option(
+        help="Delete checkpoints written with other settings instead of refusing them (dvc.yaml uses it).")] = False,
+) -> None:
+    """Pretrain one ablation point: `ablation.base` with AXIS = VALUE (evaluate it with `semanticmim eval`)."""
+    from stages import ablation, pretrain
+
+    if axis not in ablation.AXES:
+        raise InputError(f"axis {axis!r}: expected one of {', '.join(ablation.AXES)}")
+    point = pretrain.parse_overrides([f"{axis}={value}"])
+    base = ablation.load(params).base
+    out = out or Path("runs/ablation") / axis / value / "pretrain"
+    metrics = run_training(lambda: pretrain.run(base, params, out, quiet, device, discard_stale_checkpoints, point))
+    typer.echo(f"ablation {axis}={value}: final loss {metrics['final_loss']:.4f}, {metrics['img_per_s']:.0f} img/s")
 
 
 # ---------------------------------------------------------------------------------------------- data

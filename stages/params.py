@@ -20,7 +20,7 @@ from semanticmim.settings import Strict, describe
 
 # section -> "module:Schema", imported on demand
 SECTIONS = {"data": "stages.prepare:DataPrepareParams", "dvae": "stages.dvae:DVAEParams",
-            "pretrain": "stages.pretrain:PretrainParams"}
+            "pretrain": "stages.pretrain:PretrainParams", "ablation": "stages.ablation:AblationParams"}
 
 
 class DataParams(Strict):

@@ -66,7 +66,7 @@ class PretrainParams(Strict):
     recipe: dict[str, Any] = Field(default_factory=dict)
     variants: dict[VariantName, dict[str, Any]] = Field(default_factory=dict)
 
-    def resolve(self, variant: str, overrides: dict[str, Any] | None = None) -> PretrainRecipe:
+    def resolve(self, variant: str, overrides: dict[str, Any] | None = None, where: str = "--set") -> PretrainRecipe:
         """The variant's recipe: the paper's (registry) <- the profile's `recipe` <- `variants[variant]`
         <- `overrides` (one run's values, e.g. an ablation point's K)."""
         method(variant)
@@ -74,7 +74,7 @@ class PretrainParams(Strict):
         own = self.variants.get(variant, {})
         recipe = resolve_recipe(variant, self.recipe, own, f"pretrain.variants.{variant}")
         if overrides:
-            recipe = resolve_recipe(variant, self.recipe, {**own, **overrides}, "--set")
+            recipe = resolve_recipe(variant, self.recipe, {**own, **overrides}, where)
         return recipe
 
     def check(self) -> None:
@@ -203,11 +203,13 @@ def run(variant: str, params_file: Path, out_dir: Path, quiet: bool = False, dev
         task = build_task(variant, encoder, recipe, plan.total_steps, **targets).to(env.device)
         options = replace(params.run, discard_stale=discard_stale or params.run.discard_stale,
                           num_workers=params.data.num_workers, quiet=quiet)
-        info = run_info(f"pretrain@{variant}", {**params.model_dump(mode="json"), "resolved_recipe": asdict(recipe),
+        sources = recipe_sources(variant, params.recipe, params.variants.get(variant, {}))
+        sources.update(dict.fromkeys(overrides or {}, "--set (this run)"))
+        used = params.model_copy(update={"run": options}).model_dump(mode="json")  # the options actually used
+        info = run_info(f"pretrain@{variant}", {**used, "resolved_recipe": asdict(recipe),
                         "overrides": overrides or {},
                         "tokenizer_identity": tokenizer_identity(variant, params, params_file),
-                        "recipe_sources": recipe_sources(variant, params.recipe, params.variants.get(variant, {})),
-                        "lr_scaled": schedule.lr}, params_file, env)
+                        "recipe_sources": sources, "lr_scaled": schedule.lr}, params_file, env)
         fingerprint = fingerprint_of(variant, params, recipe, params_file)
         metrics = train(task, dataset, schedule, options, env, out_dir, info, fingerprint,
                         make_optimizer=decay_everything(recipe, env.device))

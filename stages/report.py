@@ -27,10 +27,12 @@ from semanticmim.report import (
     plot_patch_queries,
     plot_prefix_queries,
     plot_proxy_heatmaps,
+    plot_sweep,
     write_table1,
 )
 from semanticmim.settings import Strict
-from stages.params import read_section, repo_root_of, validate
+from stages.ablation import AXES, PAPER_OPTIMUM, AblationParams, point_dir
+from stages.params import load_section, read_section, repo_root_of, validate
 
 # Table 1's columns: (protocol, metric keys to try, in order)
 COLUMN_SOURCES = {
@@ -56,6 +58,13 @@ CAPTIONS = {
                                     "SemanticMIM's later layers attend farther than its baseline's.",
     "consistency_completeness.png": "Consistency and completeness, measured (definitions below). Compare every encoder "
                                     "with the random-init floor.",
+    "fig5_num_proxy.png": "Fig. 5 — the number of [PROXY] tokens K (mask ratio fixed). Look for: a peak near the "
+                          "paper's K = 8 (dotted), above the baseline (dashed).",
+    "fig6_mask_ratio.png": "Fig. 6 — the mask ratio r (K fixed). Look for: a peak near the paper's r = 0.6, lower than "
+                           "the baseline's 0.4 would suggest.",
+    "fig_img_mask_ratio.png": "Beyond the paper (its §6): the IMG stream hides its own share of patches while MASK "
+                              "keeps its ratio; the ringed point is the main run (IMG hides exactly the MASK "
+                              "patches). Look for: whether decoupling the two ratios helps.",
     "pretraining_loss.png": "Pretraining loss against step, every variant (losses of different targets are not "
                             "comparable across methods; within a method, lower is better).",
 }
@@ -81,8 +90,11 @@ class Sources:
 
     root: Path
 
+    def eval_root(self, encoder: str) -> Path:
+        return self.root / "runs" / "eval" / encoder
+
     def eval_dir(self, encoder: str, protocol: str) -> Path:
-        return self.root / "runs" / "eval" / encoder / protocol
+        return self.eval_root(encoder) / protocol
 
     def pretrain_dir(self, encoder: str) -> Path:
         return self.root / "runs" / "pretrain" / encoder
@@ -167,6 +179,76 @@ def table_cells(sources: Sources, protocols: list[str], encoders: list[str]) -> 
     for column in ("finetune_cls", "finetune_patch"):
         cells.append(Cell("raw-pixels", column, None, note="n/a: the raw-pixel floor is a linear probe"))
     return cells
+
+
+# ------------------------------------------------------------------------------------------ ablations
+
+# what each sweep protocol contributes to its figure: (label, metric keys)
+SWEEP_METRICS = {
+    "linear_cls": (("linear CLS top-1 (%)", ("top1_cls",)), ("linear patch top-1 (%)", ("top1_patch",))),
+    "finetune_cls": (("fine-tune top-1 (%)", ("top1_cls",)),),
+}
+SWEEP_FIGURES = {"num_proxy": ("fig5_num_proxy", "number of [PROXY] tokens K"),
+                 "mask_ratio": ("fig6_mask_ratio", "mask ratio r"),
+                 "img_mask_ratio": ("fig_img_mask_ratio", "IMG mask ratio (MASK ratio of the main run)")}
+
+
+def protocol_values(folder: Path, protocols: tuple[str, ...]) -> dict[str, float]:
+    """{figure label: value} of the sweep protocols evaluated in `folder/<protocol>/`."""
+    values = {}
+    for protocol in protocols:
+        metrics = read_json(folder / protocol / "metrics.json")
+        for label, keys in SWEEP_METRICS[protocol]:
+            value, _ = metric_value(metrics, keys)
+            if value is not None:
+                values[label] = value
+    return values
+
+
+def main_point(sources: Sources, ablation: AblationParams, axis: str) -> float | None:
+    """The main run's value on `axis` (what it actually ran, from its run.json); on the IMG axis, its
+    mask ratio (the main run's IMG stream hides exactly the masked patches)."""
+    run = read_json(sources.pretrain_dir(ablation.base) / "run.json") or {}
+    recipe = run.get("params", {}).get("resolved_recipe", {})
+    return recipe.get("mask_ratio" if axis == "img_mask_ratio" else axis)
+
+
+def sweep_rows(sources: Sources, ablation: AblationParams, axis: str) -> list[dict]:
+    """One row per point of `axis` (the main run's included): value, main, then one column per metric;
+    a point not evaluated yet has only its value and a `missing` note."""
+    main = main_point(sources, ablation, axis)
+    points = [(main, sources.eval_root(ablation.base), True)] if main is not None else []
+    points += [(value, point_dir(sources.root, axis, value), False) for value in ablation.points(axis)]
+    rows = []
+    for value, folder, is_main in points:
+        values = protocol_values(folder, ablation.protocols)
+        missing = "" if values else f"missing: no metrics under {relative(folder, sources.root)}"
+        rows.append({"value": value, "main": is_main, **values, "note": missing})
+    return sorted(rows, key=lambda row: row["value"])
+
+
+def sweep_figures(sources: Sources, ablation: AblationParams, out: Path) -> list[tuple[str, pd.DataFrame]]:
+    """`ablation_<axis>.csv` and the figure of every axis with points; -> [(figure name, its table)]."""
+    written = []
+    reference = protocol_values(sources.eval_root(ablation.baseline), ablation.protocols)
+    for axis in AXES:
+        if not ablation.points(axis):
+            continue
+        rows = sweep_rows(sources, ablation, axis)
+        frame = pd.DataFrame(rows)
+        stem, label = SWEEP_FIGURES[axis]
+        frame.to_csv(out / f"ablation_{axis}.csv", index=False, float_format="%.2f")
+        series = {name: [(row["value"], row[name]) for row in rows if isinstance(row.get(name), float)]
+                  for name in frame.columns if name not in ("value", "main", "note")}
+        if not any(series.values()):
+            continue
+        main = next((row["value"] for row in rows if row["main"]), None)
+        title = (f"{ablation.base}: {label}" + (f"; {ablation.note}" if ablation.note else "")
+                 + f". Dashed: {ablation.baseline}")
+        plot_sweep(label, series, out / f"{stem}.png", reference=reference, reference_label=ablation.baseline,
+                   main=main, optimum=PAPER_OPTIMUM.get(axis), title=title)
+        written.append((f"{stem}.png", frame))
+    return written
 
 
 # ---------------------------------------------------------------------------------------- figures
@@ -296,7 +378,7 @@ argmax is noise): read it next to exclusivity. Undefined (n/a) for one prefix to
 
 
 def page(params: ReportParams, figures: list[str], table_md: str, consistency: pd.DataFrame | None,
-         costs: list[dict], curves: bool) -> str:
+         costs: list[dict], curves: bool, sweeps: list[tuple[str, pd.DataFrame]] | None = None) -> str:
     lines = ["# SemanticMIM reproduction: the report", "",
              "Generated by the `report` stage of `dvc repro` (`stages/report.py`); do not edit by hand.", "",
              f"Profile: **{params.profile}**. Datasets: {params.datasets}.", ""]
@@ -313,6 +395,12 @@ def page(params: ReportParams, figures: list[str], table_md: str, consistency: p
         lines += ["## Consistency and completeness, measured", "", "![consistency](consistency_completeness.png)", "",
                   CAPTIONS["consistency_completeness.png"], "",
                   markdown_table(consistency), "", DEFINITIONS]
+    if sweeps:
+        lines += ["## Ablations", "", "Each point pretrains `ablation.base` with one recipe value changed; the ringed "
+                  "point is the main run, the dashed line the baseline variant, the dotted line the paper's optimum. "
+                  "Values per point: `ablation_<axis>.csv`.", ""]
+        for name, frame in sweeps:
+            lines += [f"![{name}]({name})", "", CAPTIONS.get(name, ""), "", markdown_table(frame), ""]
     if curves:
         lines += ["## Pretraining", "", "![loss](pretraining_loss.png)", "", CAPTIONS["pretraining_loss.png"], ""]
     if costs:
@@ -352,7 +440,8 @@ def run(params_file: Path, out: Path) -> list[str]:
     variants = [v for v in TABLE_ROWS if v != "random-init"]
     curves = pretraining_curves(sources, variants, out)
     costs = cost_rows(sources, variants, protocols, encoders)
-    text = page(params, figures, paths["md"].read_text(), consistency, costs, curves)
+    sweeps = sweep_figures(sources, load_section(params_file, "ablation"), out)
+    text = page(params, figures, paths["md"].read_text(), consistency, costs, curves, sweeps)
     tmp = out / ".README.md.tmp"
     tmp.write_text(text)
     tmp.replace(out / "README.md")

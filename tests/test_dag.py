@@ -4,6 +4,7 @@ key a stage tracks exists in every profile (DVC refuses a missing key)."""
 from __future__ import annotations
 
 import ast
+import itertools
 import re
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = [REPO / "params.yaml", REPO / "params" / "smoke.yaml", REPO / "params" / "paper.yaml"]
 ENTRY = {"data prepare": "stages/prepare.py", "targets train-dvae": "stages/dvae.py",
-         "pretrain": "stages/pretrain.py", "eval": "stages/evaluate.py", "attention": "stages/attention.py",
+         "ablation pretrain": "stages/pretrain.py", "pretrain": "stages/pretrain.py", "eval": "stages/evaluate.py",
+         "attention": "stages/attention.py",
          "floor ": "stages/floors.py", "report": "stages/report.py"}
 # the CLI's own module-level imports run for every command: stages/cli.py and what it imports at the top
 
@@ -94,25 +96,48 @@ def test_every_module_a_stage_runs_is_in_its_deps(name):
     assert not missing, f"{name}: runs {missing} but its deps do not list them"
 
 
+def lookup(document: dict, dotted: str):
+    value = document
+    for part in dotted.split("."):
+        assert isinstance(value, dict) and part in value, dotted
+        value = value[part]
+    return value
+
+
+def interpolate(text: str, document: dict, item: dict) -> str:
+    """`${item.x}` from `item`, any other `${a.b}` from the params document (as DVC does)."""
+    def value(match: re.Match) -> str:
+        name = match.group(1)
+        return str(item[name.removeprefix("item.")] if name.startswith("item") else lookup(document, name))
+    return re.sub(r"\$\{([^}]+)\}", value, text.replace("${item}", "${item.value}"))
+
+
+def items_of(stage: dict, document: dict) -> list[dict]:
+    """Every item of a foreach / matrix stage (`{"value": x}` for foreach), `[{}]` for a plain one."""
+    if "foreach" in stage:
+        values = stage["foreach"]
+        values = lookup(document, values[2:-1]) if isinstance(values, str) else values
+        return [{"value": value} for value in values]
+    if "matrix" in stage:
+        axes = {axis: lookup(document, values[2:-1]) if isinstance(values, str) else values
+                for axis, values in stage["matrix"].items()}
+        return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
+    return [{}]
+
+
 @pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.name)
 def test_every_tracked_params_key_exists_in_every_profile(profile):
     document = yaml.safe_load(profile.read_text())
-    variants = document["pretrain"].get("variants", {})
-    evaluation = document.get("eval", {})
     for name, stage in stages().items():
-        items = stage.get("foreach") or [None]
-        for item in items:
+        for item in items_of(stage, document):
             for key in definition(stage).get("params", []):
-                if "${item.protocol}" in key:
-                    keys = [key.replace("${item.protocol}", p) for p in evaluation.get("protocols", [])]
-                else:
-                    keys = [key.replace("${item}", item) if item else key]
-                for resolved in keys:
-                    value = document
-                    for part in resolved.split("."):
-                        assert isinstance(value, dict) and part in value, f"{profile.name}: {name} tracks {resolved}"
-                        value = value[part]
-    assert set(variants) >= {"beit", "beit-semanticmim", "maskfeat", "maskfeat-semanticmim", "mocov3"}
+                resolved = interpolate(key, document, item)
+                try:
+                    lookup(document, resolved)
+                except AssertionError:
+                    pytest.fail(f"{profile.name}: {name} tracks {resolved}, which the profile lacks")
+    assert set(document["pretrain"].get("variants", {})) >= {"beit", "beit-semanticmim", "maskfeat",
+                                                              "maskfeat-semanticmim", "mocov3"}
 
 
 def test_the_evaluation_matrix_reads_its_axes_from_params():

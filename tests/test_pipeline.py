@@ -115,8 +115,36 @@ def test_one_variants_change_leaves_the_other_variants_up_to_date(project):
     set_param(project, "pretrain.variants.beit-semanticmim", {"num_proxy": 4})
     status = dvc("status", "--json", cwd=project)
     changed = set(json.loads(status))
-    assert changed == {"pretrain-beit@beit-semanticmim"}, changed  # its evaluations follow once it reruns
+    # its evaluations follow once it reruns; the ablation points are beit-semanticmim with one value changed
+    assert changed == {"pretrain-beit@beit-semanticmim", "ablation-num-proxy@2", "ablation-mask-ratio@0.4",
+                       "ablation-img-mask-ratio@0.4"}, changed
     run(["git", "checkout", "--", "params.yaml"], project)
+
+
+def test_a_new_sweep_point_reruns_only_that_point_and_the_report(project):
+    set_param(project, "ablation.num_proxy", [2, 4])
+    changed = set(json.loads(dvc("status", "--json", cwd=project)))
+    assert changed == {"ablation-num-proxy@4", "ablation-eval-num-proxy@4-linear_cls", "report"}, changed
+    run(["git", "checkout", "--", "params.yaml"], project)
+
+
+def test_each_sweep_is_drawn_with_the_main_run_as_one_of_its_points(project):
+    reports = project / "reports"
+    page = (reports / "README.md").read_text()
+    for axis, figure, main in (("num_proxy", "fig5_num_proxy.png", 8), ("mask_ratio", "fig6_mask_ratio.png", 0.6),
+                               ("img_mask_ratio", "fig_img_mask_ratio.png", 0.6)):
+        assert (reports / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({figure})" in page
+        with (reports / f"ablation_{axis}.csv").open() as handle:
+            rows = list(csv.DictReader(handle))
+        assert [float(r["value"]) for r in rows] == sorted([main, {"num_proxy": 2}.get(axis, 0.4)])
+        assert [r["main"] for r in rows if float(r["value"]) == main] == ["True"]
+        for row in rows:
+            assert 0 <= float(row["linear CLS top-1 (%)"]) <= 100 and row["note"] == "", row
+    point = json.loads((project / "runs/ablation/num_proxy/2/pretrain/run.json").read_text())["params"]
+    assert point["resolved_recipe"]["num_proxy"] == 2 and point["resolved_recipe"]["mask_ratio"] == 0.6
+    main_cls = json.loads((project / "runs/eval/beit-semanticmim/linear_cls/metrics.json").read_text())
+    main_row = next(r for r in csv.DictReader((reports / "ablation_num_proxy.csv").open()) if r["main"] == "True")
+    assert float(main_row["linear CLS top-1 (%)"]) == pytest.approx(main_cls["cached"]["top1_cls"], abs=0.01)
 
 
 def test_a_params_change_reruns_only_its_stages(project):

@@ -28,6 +28,7 @@ from semanticmim.report.figures import (
     plot_patch_queries,
     plot_prefix_queries,
     plot_proxy_heatmaps,
+    plot_sweep,
 )
 from semanticmim.report.table1 import (
     BASELINES,
@@ -64,6 +65,7 @@ __all__ = [
     "plot_patch_queries",
     "plot_prefix_queries",
     "plot_proxy_heatmaps",
+    "plot_sweep",
     "prefix_maps",
     "query_maps",
     "split_rows",

@@ -294,3 +294,38 @@ def plot_curves(curves: Mapping, path: str | Path, ylabel: str) -> Path:
     ax.legend(fontsize=6)
     return _save(fig, path, f"{ylabel} vs step per variant. Look for: every run still decreasing or flat at the end "
                  "(a run cut short says so here).")
+
+
+def plot_sweep(axis_label: str, series: Mapping[str, Sequence[tuple[float, float]]], path: str | Path, *,
+               reference: Mapping[str, float] | None = None, reference_label: str = "baseline",
+               main: float | None = None, optimum: float | None = None, title: str = "") -> Path:
+    """An ablation: one panel per metric, metric against the swept value.
+
+    series: {metric: [(value, metric value), ...]} (the main run's point among them); reference: {metric:
+    the baseline's value}, drawn as a horizontal dashed line; main: the main run's value (ringed); optimum:
+    the paper's best value (a dotted vertical line)."""
+    panels = {name: sorted(points) for name, points in series.items() if points}
+    if not panels:
+        raise InputError(f"{axis_label}: no sweep point has a metric to plot")
+    fig = Figure(figsize=(2.6 * len(panels), 2.5), dpi=DPI)
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)[0])
+    for ax, (name, points) in zip(axes, panels.items(), strict=True):
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        ax.plot(xs, ys, marker="o", linewidth=1.0, markersize=3, label="sweep")
+        if main is not None and main in xs:
+            ax.plot([main], [ys[xs.index(main)]], marker="o", markersize=8, fillstyle="none", color="black",
+                    linestyle="none", label="main run")
+        if reference and name in reference:
+            ax.axhline(reference[name], linestyle="--", linewidth=0.8, color="gray", label=reference_label)
+        if optimum is not None:
+            ax.axvline(optimum, linestyle=":", linewidth=0.8, color="tab:red", label="paper's optimum")
+        if len(set(xs)) > 2 and min(xs) > 0 and max(xs) / min(xs) >= 8:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{x:g}" for x in xs])
+        ax.set_xlabel(axis_label, fontsize=7)
+        ax.set_ylabel(name, fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.legend(fontsize=5)
+    return _save(fig, path, title or f"{axis_label} ablation")
