@@ -1,4 +1,4 @@
-"""Helpers shared by the evaluation tests (imported as `support`; pytest puts tests/ on sys.path)."""
+"""Helpers shared by the tests (imported as `support`; pytest puts tests/ on sys.path)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import torch
 from semanticmim.methods import build_variant
 from semanticmim.models import EncoderConfig, save_model
 from semanticmim.models.export import export_timm
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILES = [REPO / "params.yaml", *(REPO / "params" / name for name in ("smoke.yaml", "mini.yaml", "paper.yaml"))]
 
 
 def export_tiny_encoder(folder: Path, variant: str = "maskfeat-semanticmim", depth: int = 3, num_proxy: int = 2,

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import PROFILES
 
 from semanticmim.errors import InputError
 from semanticmim.methods import METHODS, resolve_recipe
 from stages.params import load_section, repo_root_of, resolve_path
 
 REPO = Path(__file__).resolve().parents[1]
-PROFILES = [REPO / "params.yaml", REPO / "params" / "smoke.yaml", REPO / "params" / "paper.yaml"]
 
 
 @pytest.mark.parametrize("profile", [p for p in PROFILES if p.exists()], ids=lambda p: p.name)

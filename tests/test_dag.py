@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import PROFILES
 
 REPO = Path(__file__).resolve().parents[1]
-PROFILES = [REPO / "params.yaml", REPO / "params" / "smoke.yaml", REPO / "params" / "paper.yaml"]
 ENTRY = {"data prepare": "stages/prepare.py", "targets train-dvae": "stages/dvae.py",
          "ablation pretrain": "stages/pretrain.py", "pretrain": "stages/pretrain.py", "eval": "stages/evaluate.py",
          "attention": "stages/attention.py",
