@@ -20,7 +20,8 @@ from semanticmim.settings import Strict, describe
 
 # section -> "module:Schema", imported on demand
 SECTIONS = {"data": "stages.prepare:DataPrepareParams", "dvae": "stages.dvae:DVAEParams",
-            "pretrain": "stages.pretrain:PretrainParams", "ablation": "stages.ablation:AblationParams"}
+            "pretrain": "stages.pretrain:PretrainParams", "ablation": "stages.ablation:AblationParams",
+            "seeds": "stages.report:SeedsParams"}
 
 
 class DataParams(Strict):

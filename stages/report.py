@@ -10,11 +10,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, model_validator
 from safetensors import SafetensorError, safe_open
 
 from semanticmim.errors import InputError
@@ -84,6 +86,35 @@ class ReportParams(Strict):
     departures: list[dict] = Field(default_factory=list)  # {value, paper, reason}: this profile vs the paper
 
 
+class SeedsParams(Strict):
+    """`seeds`: Table 1's spread. The main runs use `pretrain.run.seed`; each seed in `extra` pretrains
+    `variants` again with that seed (`runs/seeds/<seed>/pretrain/<variant>`) and evaluates them by
+    `protocols`; Table 1 then shows mean ± std over 1 + len(extra) seeds for those cells."""
+
+    extra: tuple[int, ...] = ()  # seeds besides the main runs' (which are reused, never listed)
+    variants: tuple[str, ...] = ("beit", "beit-semanticmim", "maskfeat", "maskfeat-semanticmim")
+    protocols: tuple[Literal["linear_cls", "linear_seg", "finetune_cls", "finetune_seg"], ...] = ("linear_cls",)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> SeedsParams:
+        if len(set(self.extra)) != len(self.extra):
+            raise ValueError(f"extra: {list(self.extra)} lists a seed twice")
+        unknown = sorted(set(self.variants) - set(TABLE_ROWS))
+        if unknown:
+            raise ValueError(f"variants: {unknown} are not Table 1 rows {list(TABLE_ROWS[:5])}")
+        return self
+
+
+def load_seeds(params_file: Path) -> SeedsParams:
+    """The `seeds` section; none of its seeds may be the main runs' own (`pretrain.run.seed`)."""
+    seeds = load_section(params_file, "seeds")
+    main = (read_section(params_file, "pretrain").get("run") or {}).get("seed", 0)
+    if main in seeds.extra:
+        raise InputError(f"{params_file}: seeds.extra: {main} is the main runs' seed (pretrain.run.seed); list only "
+                         "the other seeds")
+    return seeds
+
+
 @dataclass
 class Sources:
     """Where the report reads; paths relative to the project root."""
@@ -101,6 +132,9 @@ class Sources:
 
     def attention_dir(self, encoder: str) -> Path:
         return self.root / "runs" / "attention" / encoder
+
+    def seed_eval_dir(self, seed: int, encoder: str, protocol: str) -> Path:
+        return self.root / "runs" / "seeds" / str(seed) / "eval" / encoder / protocol
 
     def pixels_dir(self) -> Path:
         return self.root / "runs" / "floors" / "raw-pixels"
@@ -146,8 +180,28 @@ def metric_value(metrics: dict | None, keys: tuple[str, ...]) -> tuple[float | N
     return None, ""
 
 
-def table_cells(sources: Sources, protocols: list[str], encoders: list[str]) -> list[Cell]:
-    """One cell per (row, column): the value, or a note that says why there is none."""
+def seed_values(sources: Sources, seeds: SeedsParams, row: str, protocol: str, keys: tuple[str, ...],
+                main: float) -> tuple[float, float | None, int, str]:
+    """The main run's value with the same cell of every extra seed: (mean, std or None, seeds, note)."""
+    if row not in seeds.variants or protocol not in seeds.protocols or not seeds.extra:
+        return main, None, 1, ""
+    values = [main]
+    for seed in seeds.extra:
+        value, _ = metric_value(read_json(sources.seed_eval_dir(seed, row, protocol) / "metrics.json"), keys)
+        if value is not None:
+            values.append(value)
+    expected = 1 + len(seeds.extra)
+    note = "" if len(values) == expected else f"{len(values)} of {expected} seeds have a result"
+    if len(values) == 1:
+        return main, None, 1, note
+    return statistics.fmean(values), statistics.stdev(values), len(values), note
+
+
+def table_cells(sources: Sources, protocols: list[str], encoders: list[str],
+                seeds: SeedsParams | None = None) -> list[Cell]:
+    """One cell per (row, column): the value (mean ± std over seeds where `seeds` adds some), or a note that
+    says why there is none."""
+    seeds = seeds or SeedsParams()
     cells = []
     for row in TABLE_ROWS:
         pretrain = read_json(sources.pretrain_dir(row) / "run.json")
@@ -155,7 +209,9 @@ def table_cells(sources: Sources, protocols: list[str], encoders: list[str]) -> 
             run_dir = sources.eval_dir(row, protocol)
             metrics, run = read_json(run_dir / "metrics.json"), read_json(run_dir / "run.json")
             value, mode = metric_value(metrics, keys)
-            note = ""
+            spread, count, note = None, 1, ""
+            if value is not None:
+                value, spread, count, note = seed_values(sources, seeds, row, protocol, keys, value)
             if value is None:
                 if protocol not in protocols:
                     note = f"not run at this profile: `{protocol}` is not in eval.protocols"
@@ -168,7 +224,7 @@ def table_cells(sources: Sources, protocols: list[str], encoders: list[str]) -> 
             source = cell_source(run_dir, run, sources.root, pretrain) if value is not None else {}
             if mode:
                 source["preset"] = f"{source['preset']}, {mode}" if source.get("preset") else mode
-            cells.append(Cell(row, column, value, note=note, source=source))
+            cells.append(Cell(row, column, value, spread=spread, seeds=count, note=note, source=source))
     pixels = read_json(sources.pixels_dir() / "metrics.json")
     pixel_run = read_json(sources.pixels_dir() / "run.json")
     for column in ("linear_cls", "linear_patch"):
@@ -434,7 +490,11 @@ def run(params_file: Path, out: Path) -> list[str]:
     sources = Sources(root)
     out.mkdir(parents=True, exist_ok=True)
     header = {"profile": params.profile, "datasets": params.datasets}
-    paths = write_table1(table_cells(sources, protocols, encoders), out, header, params.paper_scale, root)
+    seeds = load_seeds(params_file)
+    if seeds.extra:
+        header["seeds"] = (f"{1 + len(seeds.extra)} (the main runs' and {list(seeds.extra)}) for "
+                           f"{', '.join(seeds.variants)} × {', '.join(seeds.protocols)}; other cells one seed")
+    paths = write_table1(table_cells(sources, protocols, encoders, seeds), out, header, params.paper_scale, root)
     figures = write_figures(load_maps(sources, list(params.attention_encoders)), list(params.figure_encoders), out)
     consistency = consistency_table(sources, list(params.attention_encoders), out)
     variants = [v for v in TABLE_ROWS if v != "random-init"]

@@ -103,6 +103,10 @@ def test_the_report_is_complete_and_well_formed(project):
             assert values[(row, column)]["value"] != "", (row, column, values[(row, column)]["note"])
         assert "not run at this profile" in values[(row, "finetune_cls")]["note"]  # said, never silently empty
     assert values[("raw-pixels", "linear_cls")]["value"] != ""
+    for row in ("beit", "beit-semanticmim"):  # the smoke profile's second seed: mean ± std over two
+        assert values[(row, "linear_cls")]["seeds"] == "2" and values[(row, "linear_cls")]["spread"] != ""
+    assert values[("maskfeat", "linear_cls")]["seeds"] == "1"
+    assert values[("beit-semanticmim", "linear_cls")]["beyond_spread"] in ("True", "False")
     assert values[("beit-semanticmim", "linear_cls")]["delta"] != ""
     assert "\\begin{tabular}" in (reports / "table1.tex").read_text()
     with (reports / "consistency_completeness.csv").open() as handle:
@@ -117,7 +121,7 @@ def test_one_variants_change_leaves_the_other_variants_up_to_date(project):
     changed = set(json.loads(status))
     # its evaluations follow once it reruns; the ablation points are beit-semanticmim with one value changed
     assert changed == {"pretrain-beit@beit-semanticmim", "ablation-num-proxy@2", "ablation-mask-ratio@0.4",
-                       "ablation-img-mask-ratio@0.4"}, changed
+                       "ablation-img-mask-ratio@0.4", "pretrain-seed@beit-semanticmim-1"}, changed
     run(["git", "checkout", "--", "params.yaml"], project)
 
 

@@ -12,9 +12,10 @@ import torch
 from semanticmim.data.embedded import generate_embedded
 from semanticmim.engine.distributed import DistEnv
 from semanticmim.engine.loop import RunOptions
+from semanticmim.errors import InputError
 from semanticmim.eval import pixels
 from stages.attention import depth_choice
-from stages.report import Sources, metric_value, table_cells
+from stages.report import SeedsParams, Sources, load_seeds, metric_value, table_cells
 
 
 def write_run(folder: Path, metrics: dict, run: dict | None = None) -> None:
@@ -44,6 +45,42 @@ def test_table_cells_read_values_say_why_a_cell_is_empty_and_link_the_run(tmp_pa
     assert "not in eval.encoders" in cells[("mocov3", "linear_cls")].note
     assert "was not written" in cells[("beit-semanticmim", "voc_linear_miou")].note
     assert cells[("raw-pixels", "linear_cls")].value == 35.0 and "n/a" in cells[("raw-pixels", "finetune_cls")].note
+
+
+def test_cells_of_the_seeded_variants_are_the_mean_and_std_over_every_seed(tmp_path):
+    sources = Sources(tmp_path)
+    for folder, (cls, patch) in {sources.eval_dir("beit", "linear_cls"): (20.0, 30.0),
+                                 sources.seed_eval_dir(1, "beit", "linear_cls"): (22.0, 31.0),
+                                 sources.seed_eval_dir(2, "beit", "linear_cls"): (24.0, 29.0),
+                                 sources.eval_dir("maskfeat", "linear_cls"): (10.0, 12.0),
+                                 sources.seed_eval_dir(1, "maskfeat", "linear_cls"): (14.0, 12.0)}.items():
+        write_run(folder, {"cached": {"top1_cls": cls, "top1_patch": patch}})
+    seeds = SeedsParams(extra=(1, 2), variants=("beit", "maskfeat"), protocols=("linear_cls",))
+    cells = {(c.row, c.column): c for c in table_cells(sources, ["linear_cls"], ["beit", "maskfeat"], seeds)}
+    beit = cells[("beit", "linear_cls")]
+    assert (beit.value, beit.spread, beit.seeds, beit.note) == (22.0, 2.0, 3, "")
+    assert cells[("beit", "linear_patch")].spread == pytest.approx(1.0)
+    maskfeat = cells[("maskfeat", "linear_cls")]  # seed 2 not run yet: said, and the spread is over two
+    assert (maskfeat.value, maskfeat.seeds, maskfeat.note) == (12.0, 2, "2 of 3 seeds have a result")
+    assert maskfeat.spread == pytest.approx(2.8284, abs=1e-4)
+    assert cells[("beit", "voc_linear_miou")].seeds == 1  # not a seeded protocol
+
+
+@pytest.mark.parametrize("seeds, message", [
+    ({"extra": [0]}, "seeds.extra: 0 is the main runs' seed"),
+    ({"extra": [1, 1]}, "lists a seed twice"),
+    ({"variants": ["dino"]}, "are not Table 1 rows"),
+    ({"protocols": ["knn"]}, "seeds.protocols"),
+])
+def test_bad_seeds_fail_in_one_line(tmp_path, seeds, message):
+    import yaml
+
+    document = yaml.safe_load((Path(__file__).resolve().parents[1] / "params" / "smoke.yaml").read_text())
+    document["seeds"].update(seeds)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(document))
+    with pytest.raises(InputError) as error:
+        load_seeds(tmp_path / "params.yaml")
+    assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
 
 
 def test_metric_value_prefers_the_top_level_and_names_the_mode():
