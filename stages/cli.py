@@ -460,6 +460,27 @@ def eval_command(
     typer.echo(f"{protocol}: " + ", ".join(f"{k} {v:.2f}" for k, v in headline.items()))
 
 
+@app.command("probe-curve")
+@friendly_errors
+def probe_curve_command(
+    snapshots: Annotated[Path, typer.Option(help="A pretraining's snapshots/ folder (epoch_NNNN/ timm exports).")],
+    params: Annotated[Path, typer.Option(help="params.yaml-shaped file; `eval.linear_cls` is the probe.")] = Path(
+        "params.yaml"),
+    out: Annotated[Path, typer.Option(help="Output folder (curve.tsv, metrics.json, epoch_NNNN/).")] = Path(
+        "runs/probe_curve"),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    discard_stale_checkpoints: Annotated[bool, typer.Option(
+        help="Delete checkpoints written with other settings instead of refusing them (dvc.yaml uses it).")] = False,
+) -> None:
+    """The linear probe of every encoder snapshot of one pretraining: top-1 against pretraining epoch."""
+    from stages import probe_curve
+
+    curve = run_training(lambda: probe_curve.run(snapshots, params, out, quiet, device, discard_stale_checkpoints))
+    typer.echo("probe-curve: " + ", ".join(f"epoch {e} cls {v.get('top1_cls', float('nan')):.1f}"
+                                           for e, v in curve.items()))
+
+
 # -------------------------------------------------------------------------------------------- report
 
 

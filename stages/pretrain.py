@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from semanticmim.data.layouts import ClassificationDataset, read_imagefolder
 from semanticmim.data.loader import sample_seed, seeded_rngs
 from semanticmim.data.shards import ShardDataset
 from semanticmim.engine import distributed
-from semanticmim.engine.loop import RunOptions, to_device, train
+from semanticmim.engine.loop import Evaluation, RunOptions, to_device, train
 from semanticmim.errors import InputError
 from semanticmim.methods import (
     METHODS,
@@ -34,7 +35,7 @@ from semanticmim.methods import (
 )
 from semanticmim.methods.registry import VariantName, recipe_sources
 from semanticmim.methods.tasks import MIMTask
-from semanticmim.models.export import export_timm
+from semanticmim.models.export import export_timm, write_timm_export
 from semanticmim.models.factory import load_model, read_model_header
 from semanticmim.models.vit import EncoderShape
 from semanticmim.settings import Strict
@@ -63,6 +64,9 @@ class PretrainParams(Strict):
     run: RunOptions = RunOptions()
     hog: HOGParams = HOGParams()
     tokenizer: Path = Path("runs/dvae/tokenizer.safetensors")  # BEiT's dVAE (own or imported OpenAI)
+    # epochs between encoder snapshots (timm exports in OUT/snapshots/epoch_NNNN) for the probe-vs-epoch
+    # curve (`probe-curve` stage); the last epoch is always among them. 0: none
+    snapshot_every: int = Field(0, ge=0)
     recipe: dict[str, Any] = Field(default_factory=dict)
     variants: dict[VariantName, dict[str, Any]] = Field(default_factory=dict)
 
@@ -141,6 +145,7 @@ def fingerprint_of(variant: str, params: PretrainParams, recipe: PretrainRecipe,
     settings = {"variant": variant, "recipe": asdict(recipe),
                 **params.model_dump(mode="json", include={"model", "data", "hog"})}
     settings["run"] = {"seed": params.run.seed}
+    settings["snapshot_every"] = params.snapshot_every  # a finished run has no snapshots it was not asked for
     settings["data"] = {"root": str(resolve_path(params.data.root, params_file)), "split": params.data.train_split}
     tokenizer = resolve_path(params.tokenizer, params_file)
     if method(variant).target == "dvae" and tokenizer.is_file():
@@ -157,6 +162,32 @@ def tokenizer_identity(variant: str, params: PretrainParams, params_file: Path) 
     recorded = json.loads(beside.read_text()).get("params", {}).get("tokenizer_kind") if beside.is_file() else None
     kind = recorded or "unknown: no run.json of the dvae stage beside it"
     return {"path": str(params.tokenizer), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "kind": kind}
+
+
+SNAPSHOTS = "snapshots"
+
+
+def snapshot_hook(task, every: int, out_dir: Path, env) -> Evaluation | None:
+    """Every `every` epochs (and at the last), the encoder as a timm export into the checkpoints folder's
+    snapshots/ (kept with the checkpoints, so a resumed or rerun stage still has them all)."""
+    if not every:
+        return None
+
+    def snapshot(epoch: int) -> dict[str, float]:
+        if env.is_main:
+            write_timm_export(task.model.encoder, out_dir / "checkpoints" / SNAPSHOTS / f"epoch_{epoch:04d}")
+        return {}
+
+    return Evaluation(snapshot, every, "epoch")
+
+
+def publish_snapshots(out_dir: Path) -> None:
+    """OUT/snapshots/ (a DVC output, empty without snapshots) = the snapshots beside the checkpoints."""
+    kept, published = out_dir / "checkpoints" / SNAPSHOTS, out_dir / SNAPSHOTS
+    shutil.rmtree(published, ignore_errors=True)
+    if kept.is_dir():
+        shutil.copytree(kept, published)
+    published.mkdir(parents=True, exist_ok=True)
 
 
 def decay_everything(recipe: PretrainRecipe, device: torch.device):
@@ -212,9 +243,12 @@ def run(variant: str, params_file: Path, out_dir: Path, quiet: bool = False, dev
                         "recipe_sources": sources, "lr_scaled": schedule.lr}, params_file, env)
         fingerprint = fingerprint_of(variant, params, recipe, params_file)
         metrics = train(task, dataset, schedule, options, env, out_dir, info, fingerprint,
-                        make_optimizer=decay_everything(recipe, env.device))
+                        make_optimizer=decay_everything(recipe, env.device),
+                        evaluate=snapshot_hook(task, params.snapshot_every, out_dir, env))
+        metrics.pop("history", None)
         if env.is_main:
             export_timm(out_dir / "model.safetensors", out_dir / "encoder")
+            publish_snapshots(out_dir)
             if isinstance(task, MIMTask):
                 save_reconstructions(task, dataset, params.run.seed, out_dir / "reconstructions.png")
         return metrics

@@ -15,7 +15,7 @@ from support import PROFILES
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = {"data prepare": "stages/prepare.py", "targets train-dvae": "stages/dvae.py",
          "ablation pretrain": "stages/pretrain.py", "pretrain": "stages/pretrain.py", "eval": "stages/evaluate.py",
-         "attention": "stages/attention.py",
+         "attention": "stages/attention.py", "probe-curve": "stages/probe_curve.py",
          "floor ": "stages/floors.py", "report": "stages/report.py"}
 # the CLI's own module-level imports run for every command: stages/cli.py and what it imports at the top
 

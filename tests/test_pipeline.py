@@ -91,7 +91,8 @@ def test_the_report_is_complete_and_well_formed(project):
     page = (reports / "README.md").read_text()
     figures = sorted(path.name for path in reports.glob("*.png"))
     assert {"fig7_patch_queries.png", "fig8_proxy_queries.png", "fig9_proxy_heatmaps.png", "fig10_depth.png",
-            "fig14_attention_distance.png", "consistency_completeness.png", "pretraining_loss.png"} <= set(figures)
+            "fig14_attention_distance.png", "consistency_completeness.png", "pretraining_loss.png",
+            "fig_probe_vs_epoch.png"} <= set(figures)
     for name in figures:
         assert (reports / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in page
     with (reports / "table1.csv").open() as handle:
@@ -113,6 +114,14 @@ def test_the_report_is_complete_and_well_formed(project):
         scores = {r["variant"]: r for r in csv.DictReader(handle)}
     assert {"mocov3", "beit", "beit-semanticmim", "random-init"} <= set(scores)
     assert 0 <= float(scores["random-init"]["coverage"]) <= 1
+
+
+def test_the_probe_curve_ends_at_the_main_evaluation(project):
+    with (project / "runs/eval/beit-semanticmim/probe_curve/curve.tsv").open() as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    assert [r["epoch"] for r in rows] == ["1", "2"]  # smoke: 2 epochs, a snapshot after each
+    main = json.loads((project / "runs/eval/beit-semanticmim/linear_cls/metrics.json").read_text())["cached"]
+    assert float(rows[-1]["top1_cls"]) == pytest.approx(main["top1_cls"], abs=1e-3)
 
 
 def test_one_variants_change_leaves_the_other_variants_up_to_date(project):

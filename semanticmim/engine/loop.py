@@ -127,11 +127,12 @@ def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip_grad:
 
 @dataclass
 class Evaluation:
-    """What the loop evaluates while it trains, and when: `run()` (which puts the model in eval mode and
-    back, on every rank) after every `every`-th epoch or optimizer step, and always at the end. Results go
+    """What the loop evaluates while it trains, and when: `run(at)` (which puts the model in eval mode and
+    back, on every rank; `at` = the epoch or step just completed) after every `every`-th epoch or optimizer
+    step, and always at the end. Results go
     to `out_dir/history.json` (kept across resumes), dvclive (`eval/*`) and the returned metrics."""
 
-    run: Callable[[], dict[str, float]]
+    run: Callable[[int], dict[str, float]]
     every: int = 1
     unit: Unit = "epoch"
 
@@ -277,7 +278,7 @@ class Run:
         at = self.evaluation_point()
         if at is None:
             return
-        values = self.evaluation.run()
+        values = self.evaluation.run(at)
         self.history.record(at, values, write=self.env.is_main)
         self.reporter.log_values(self.step, values, "eval/")
         newest = list_checkpoints(self.out_dir / "checkpoints")

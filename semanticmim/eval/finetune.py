@@ -323,7 +323,7 @@ def finetune_one(head: str, encoder: Encoder, identity: dict, settings: Settings
         groups = layer_decay_groups(module, settings.weight_decay, settings.layer_decay)
         return torch.optim.AdamW(groups, lr=schedule.lr, betas=settings.betas, fused=env.device.type in ("cpu", "cuda"))
 
-    def evaluate_now() -> dict[str, float]:
+    def evaluate_now(_epoch: int) -> dict[str, float]:
         return evaluate_classifier(model, val_loader, num_classes, env, options, encoder.normalize)
 
     # the lr schedule: the engine's per-step warmup + cosine to `schedule.min_lr`, applying each group's lr_scale

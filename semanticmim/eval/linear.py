@@ -392,7 +392,7 @@ def evaluate(encoder_dir: Path, data_root: Path, layout: str, settings: Settings
     schedule, plan = settings.recipe(env.world_size).plan(len(train_set), env.world_size)
     lrs = [settings.recipe(env.world_size, spec.lr).scaled_lr(plan.global_batch) for spec in specs]
 
-    def evaluate_epoch() -> dict[str, float]:
+    def evaluate_epoch(_epoch: int) -> dict[str, float]:
         return evaluate_heads(heads, specs, val_features, val_labels, num_classes, env.device, per_device)
 
     info = {"stage": "eval linear-cls", "settings": settings.model_dump(mode="json"), "encoder": encoder.identity,

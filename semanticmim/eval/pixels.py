@@ -120,7 +120,7 @@ def evaluate(data_root: Path, layout: str, settings: Settings, out_dir: Path, en
     metrics = train(PixelProbe(head), TensorDataset(train_x, train_y), schedule, options, env, out_dir,
                     fingerprint=identity, make_optimizer=optimizer,
                     make_lr_schedule=lambda o, plan: build_schedule(o, plan.total_steps, 0, 0.0),
-                    evaluate=Evaluation(lambda: accuracy(head, val_x, val_y), settings.eval_every))
+                    evaluate=Evaluation(lambda _epoch: accuracy(head, val_x, val_y), settings.eval_every))
     numbers = metrics["history"].summary("", ["top1"], "top1")
     details = {"features": int(train_x.shape[1]), "train_images": len(train_x), "val_images": len(val_x),
                "classes": len(train_split.classes), "lr_scaled": schedule.lr, "global_batch": schedule.effective_batch,

@@ -62,6 +62,12 @@ def export_timm(checkpoint: str | Path, out_dir: str | Path) -> dict:
     if not isinstance(encoder, ProxyViT):
         raise InputError(f"{checkpoint}: holds a {model_kind(model)!r} model, which has no ViT encoder to export; "
                          "expected a pretraining model (MIM or MoCo v3) written by `semanticmim pretrain`")
+    return write_timm_export(encoder, out_dir)
+
+
+def write_timm_export(encoder: ProxyViT, out_dir: str | Path) -> dict:
+    """Write `out_dir/model.safetensors` + `out_dir/config.json` for an encoder in memory (each file
+    appears whole: written under a temporary name, then renamed)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = timm_config(encoder)

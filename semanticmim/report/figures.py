@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -274,8 +274,10 @@ def plot_consistency_completeness(df, path: str | Path) -> Path:
                  "floor.")
 
 
-def plot_curves(curves: Mapping, path: str | Path, ylabel: str) -> Path:
-    """curves: {variant: (steps (n,), values (n,))}, e.g. pretraining loss vs step, all variants overlaid."""
+def plot_curves(curves: Mapping, path: str | Path, ylabel: str, x_label: str = "step",
+                dashed: Callable[[str], bool] | None = None) -> Path:
+    """curves: {name: (x (n,), values (n,))}, e.g. pretraining loss vs step, all variants overlaid; `dashed(name)`
+    draws that curve dashed (a second metric of the same variant)."""
     if not isinstance(curves, Mapping) or not curves:
         raise InputError("curves: expected a non-empty dict variant -> (steps, values)")
     fig = Figure(figsize=(4.0, 2.6), dpi=DPI)
@@ -287,11 +289,15 @@ def plot_curves(curves: Mapping, path: str | Path, ylabel: str) -> Path:
         steps, values = _array(pair[0], "steps").reshape(-1), _array(pair[1], "values").reshape(-1)
         if len(steps) != len(values) or len(steps) == 0:
             raise InputError(f"curves[{variant!r}]: {len(steps)} steps but {len(values)} values (need equal, > 0)")
-        ax.plot(steps, values, label=str(variant), linewidth=1.0)
-    ax.set_xlabel("step", fontsize=7)
+        style = "--" if dashed is not None and dashed(str(variant)) else "-"
+        ax.plot(steps, values, style, label=str(variant), linewidth=1.0, marker="o" if len(steps) < 20 else None,
+                markersize=2)
+    ax.set_xlabel(x_label, fontsize=7)
     ax.set_ylabel(ylabel, fontsize=7)
     ax.tick_params(labelsize=6)
     ax.legend(fontsize=6)
+    if x_label != "step":
+        return _save(fig, path, f"{ylabel} vs {x_label}, per variant")
     return _save(fig, path, f"{ylabel} vs step per variant. Look for: every run still decreasing or flat at the end "
                  "(a run cut short says so here).")
 

@@ -253,7 +253,7 @@ def evaluate(
         return StepSchedule(optimizer, schedule.lr, settings.lr_step_epochs * run_plan.steps_per_epoch,
                             settings.lr_gamma)
 
-    def evaluate_now() -> dict[str, float]:
+    def evaluate_now(_epoch: int) -> dict[str, float]:
         task.model.eval()
         scores = evaluate_dataset(task.infer, val_data, classes, env, settings.eval_batch_size,
                                   settings.num_workers, settings.run.amp, quiet)

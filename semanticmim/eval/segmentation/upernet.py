@@ -210,7 +210,7 @@ def evaluate(
     def infer(images: torch.Tensor) -> torch.Tensor:
         return slide_inference(model.predict, images, settings.crop_size, stride, settings.eval_batch_size)
 
-    def evaluate_now() -> dict[str, float]:
+    def evaluate_now(_step: int) -> dict[str, float]:
         model.eval()
         scores = evaluate_dataset(infer, val_data, classes, env, 1, settings.num_workers, settings.run.amp, quiet)
         model.train()
