@@ -148,22 +148,30 @@ class _EpochIndexSampler(Sampler[tuple[int, int]]):
         return len(self.order) - self.start
 
 
-class _SeededSamples(Dataset):
-    """dataset[index], produced right after seeding every RNG from (seed, epoch, index)."""
+class _Wrapped(Dataset):
+    """A dataset fetched through `(epoch, index)` pairs; its attributes (classes, set_epoch…) still reach
+    `loader.dataset`."""
 
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getattr__(self, name: str):
-        """The wrapped dataset's attributes (classes, set_epoch…) through `loader.dataset`."""
         # "dataset": not set yet (unpickling in a worker), no recursion. Dunders such as `__getitems__`
-        # must not reach the wrapped dataset: the DataLoader would fetch through it, unseeded.
+        # must not reach the wrapped dataset: the DataLoader would fetch through it, bypassing the wrapper.
         if name == "dataset" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+class _SeededSamples(_Wrapped):
+    """dataset[index], produced right after seeding every RNG from (seed, epoch, index)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        super().__init__(dataset)
+        self.seed = seed
 
     def __getitem__(self, epoch_index: tuple[int, int]):
         epoch, index = epoch_index
@@ -190,19 +198,8 @@ class RowIndices(Dataset):
         return list(indices)
 
 
-class _Batched(Dataset):
+class _Batched(_Wrapped):
     """A dataset that draws no randomness, fetched a batch at a time from `(epoch, index)` pairs."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getattr__(self, name: str):
-        if name == "dataset" or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
     def __getitems__(self, epoch_indices: list[tuple[int, int]]) -> list:
         indices = [index for _, index in epoch_indices]
