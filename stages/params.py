@@ -74,8 +74,20 @@ def resolve_path(path: Path, params_file: str | Path) -> Path:
     return path if path.is_absolute() else repo_root_of(Path(params_file)) / path
 
 
-def load_section(params_file: str | Path, section: str) -> BaseModel:
-    """Read `section` of a params.yaml-shaped file and validate it. Raises one-line InputErrors."""
+def has_section(params_file: str | Path, section: str) -> bool:
+    """Whether a readable params file has `section` (an unreadable one answers True: reading it then says why)."""
+    try:
+        document = yaml.safe_load(Path(params_file).read_text())
+    except (OSError, yaml.YAMLError):
+        return True
+    return not isinstance(document, dict) or section in document
+
+
+def load_section(params_file: str | Path, section: str, optional: bool = False) -> BaseModel:
+    """Read `section` of a params.yaml-shaped file and validate it. Raises one-line InputErrors.
+    optional: a file without the section gets the schema's defaults (e.g. no ablation points)."""
     module, _, name = SECTIONS[section].partition(":")
     schema = getattr(importlib.import_module(module), name)
+    if optional and not has_section(params_file, section):
+        return schema()
     return validate(schema, read_section(params_file, section), params_file, section)

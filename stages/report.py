@@ -112,7 +112,9 @@ class SeedsParams(Strict):
 
 def load_seeds(params_file: Path) -> SeedsParams:
     """The `seeds` section; none of its seeds may be the main runs' own (`pretrain.run.seed`)."""
-    seeds = load_section(params_file, "seeds")
+    seeds = load_section(params_file, "seeds", optional=True)
+    if not seeds.extra:
+        return seeds
     main = (read_section(params_file, "pretrain").get("run") or {}).get("seed", 0)
     if main in seeds.extra:
         raise InputError(f"{params_file}: seeds.extra: {main} is the main runs' seed (pretrain.run.seed); list only "
@@ -528,7 +530,7 @@ def run(params_file: Path, out: Path) -> list[str]:
     variants = [v for v in TABLE_ROWS if v != "random-init"]
     curves = pretraining_curves(sources, variants, out)
     costs = cost_rows(sources, variants, protocols, encoders)
-    sweeps = sweep_figures(sources, load_section(params_file, "ablation"), out)
+    sweeps = sweep_figures(sources, load_section(params_file, "ablation", optional=True), out)
     probe_curve = probe_curves(sources, list(params.probe_curve_encoders), out)
     text = page(params, figures, paths["md"].read_text(), consistency, costs, curves, sweeps, probe_curve)
     tmp = out / ".README.md.tmp"
