@@ -15,6 +15,8 @@ from support import PROFILES, REPO
 from semanticmim.data.layouts import read_imagefolder
 from semanticmim.data.linked import balanced_subset, link_imagefolder
 from semanticmim.errors import InputError
+from semanticmim.methods.registry import check_tokenizer_grid
+from semanticmim.targets.dalle import DalleTokenizerConfig
 from stages import prepare
 from stages.params import load_section
 
@@ -30,6 +32,22 @@ def test_within_a_pair_the_recipes_differ_only_in_k_and_the_mask_ratio(profile, 
     differ = {key for key in baseline if baseline[key] != semantic[key]}
     assert differ <= {"num_proxy", "mask_ratio"}, (profile.name, pair, differ)
     assert semantic["num_proxy"] > baseline["num_proxy"] == 1
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.name)
+def test_the_tokenizer_grid_is_the_patch_grid(profile):
+    """BEiT's targets: the dVAE sees the half-size view, so its tokens must tile the model's patches; a
+    profile that breaks this used to fail only at the first pretraining step, after the dVAE had trained."""
+    document = yaml.safe_load(profile.read_text())
+    dvae, model = document["dvae"], document["pretrain"]["model"]
+    check_tokenizer_grid(DalleTokenizerConfig(group_count=dvae["group_count"]).downsample, model["patch_size"])
+    assert 2 * dvae["image_size"] == model["img_size"], "the dVAE trains on the tokenizer's view size"
+
+
+def test_a_tokenizer_of_another_grid_is_refused_before_training():
+    with pytest.raises(InputError, match=r"a token covers 8 px, but the patch size is 4: tokenizer grid and patch"):
+        check_tokenizer_grid(DalleTokenizerConfig(group_count=3).downsample, 4)
+    check_tokenizer_grid(DalleTokenizerConfig(group_count=4).downsample, 16)  # OpenAI's DALL-E with ViT-B/16
 
 
 @pytest.mark.parametrize("profile", [p for p in PROFILES if p.name in ("params.yaml", "mini.yaml")],

@@ -181,5 +181,15 @@ def build_task(name: str, encoder: EncoderConfig, recipe: PretrainRecipe, total_
         return MIMTask(name, build_variant(name, encoder, target_dim=hog.out_dim, recipe=recipe), hog=hog)
     if tokenizer is None:
         raise InputError(f"{name} predicts dVAE tokens but no tokenizer was given")
+    check_tokenizer_grid(tokenizer.downsample, encoder.patch_size)
     model = build_variant(name, encoder, target_dim=tokenizer.vocab_size, recipe=recipe)
     return MIMTask(name, model, tokenizer=tokenizer, decoder=decoder)
+
+
+def check_tokenizer_grid(downsample: int, patch_size: int) -> None:
+    """BEiT's tokenizer sees the half-size view (BeitTwoView), so one token covers 2 * downsample pixels of
+    the model's image: that must be one patch, or the target grid is not the patch grid."""
+    if 2 * downsample != patch_size:
+        raise InputError(f"the tokenizer downsamples its half-size view by {downsample}, so a token covers "
+                         f"{2 * downsample} px, but the patch size is {patch_size}: tokenizer grid and patch grid "
+                         f"must match (group_count = log2(patch size))")
