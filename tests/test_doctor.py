@@ -234,7 +234,14 @@ def test_max_num_workers_walks_every_section() -> None:
 # --- the whole report
 
 
-def test_run_checks_on_the_smoke_profile_pass(tmp_path: Path) -> None:
+@pytest.fixture
+def roomy_disk(monkeypatch) -> None:
+    """A disk with 100 GiB free, so the whole-report tests do not depend on the machine's free space."""
+    free = 100 * 1024**3
+    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda path: SimpleNamespace(total=2 * free, used=free, free=free))
+
+
+def test_run_checks_on_the_smoke_profile_pass(roomy_disk, tmp_path: Path) -> None:
     checks = doctor.run_checks(SMOKE, ROOT / "requirements.lock", root=tmp_path)
     assert doctor.exit_code(checks) == 0, doctor.format_report(checks)
     names = [c.name for c in checks]
@@ -242,7 +249,7 @@ def test_run_checks_on_the_smoke_profile_pass(tmp_path: Path) -> None:
         assert name in names
 
 
-def test_run_checks_fails_on_a_tiny_shm_with_workers(monkeypatch, tmp_path: Path) -> None:
+def test_run_checks_fails_on_a_tiny_shm_with_workers(roomy_disk, monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setattr(os, "statvfs", _fake_statvfs(64 * 1024**2))
     params = _params(tmp_path, "data: {out: data/x}\npretrain: {data: {root: data/x/cls, num_workers: 8}}\n")
     checks = doctor.run_checks(params, ROOT / "requirements.lock", root=tmp_path)
