@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from semanticmim.data.decode import UnreadableImage, load_rgb
 from semanticmim.data.layouts import read_imagefolder
 from semanticmim.data.transforms import normalize, unit_range
 from semanticmim.errors import InputError
@@ -65,10 +66,8 @@ def held_out_split(root: Path) -> str:
 
 def load_pixels(root: Path, split: str, size: int, resample: Image.Resampling) -> torch.Tensor:
     """Every image of ROOT/split, whole, resized to (size, size) -> uint8 (B, 3, size, size)."""
-    images = []
-    for path, _label in read_imagefolder(root, split).samples:
-        with Image.open(path) as image:
-            images.append(np.asarray(image.convert("RGB").resize((size, size), resample)))
+    images = [np.asarray(load_rgb(path).resize((size, size), resample))
+              for path, _label in read_imagefolder(root, split).samples]
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -118,7 +117,7 @@ def main() -> None:
     try:
         result = floors(args.kind, args.data, args.img_size, args.patch_size, args.tokenizer)
         print(json.dumps(with_run(result, args.run) if args.run else result, indent=1))
-    except InputError as error:
+    except (InputError, UnreadableImage) as error:
         raise SystemExit(f"error: {error}") from None
 
 
