@@ -22,7 +22,7 @@ repro: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/hadolint --config .hadolint.yaml docker/Dockerfile
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 lint: setup
 	$(BIN)/ruff check .
